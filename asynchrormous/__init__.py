@@ -1,0 +1,20 @@
+"""Run Django ORM queries in the background; block only where the result is used."""
+
+from .exceptions import AsynchrormousError, Cancelled, ResultTimeout
+from .pool import shutdown
+from .queryset import AsyncManager, AsyncQuerySet, AsyncQuerySetMixin
+from .results import cancel, is_ready, resolve, wait
+
+__all__ = [
+    "AsyncManager",
+    "AsyncQuerySet",
+    "AsyncQuerySetMixin",
+    "AsynchrormousError",
+    "Cancelled",
+    "ResultTimeout",
+    "cancel",
+    "is_ready",
+    "resolve",
+    "shutdown",
+    "wait",
+]

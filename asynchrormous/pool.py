@@ -1,0 +1,257 @@
+"""The process-wide worker pool: threads that keep their own Django connections.
+
+A ``concurrent.futures.Executor`` of our own rather than ``ThreadPoolExecutor``
+because a Django connection belongs to the thread that opened it: only the worker
+itself can close it when it goes idle or too old, so the worker loop must own that.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, TypeVar
+
+from django.core.signals import setting_changed
+from django.db import connections
+
+from .conf import Settings, get_settings
+
+__all__ = ["WorkerPool", "get_pool", "in_worker", "shutdown"]
+
+logger = logging.getLogger("asynchrormous")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_worker_state = threading.local()
+
+
+def in_worker() -> bool:
+    """Whether the current thread is a worker of a pool (nested work then runs inline)."""
+    return getattr(_worker_state, "is_worker", False)
+
+
+class _WorkItem:
+    __slots__ = ("args", "context", "fn", "future", "kwargs")
+
+    def __init__(
+        self,
+        future: Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        # The job sees the submitter's contextvars (tenant ids, logging context).
+        self.context = contextvars.copy_context()
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.context.run(self.fn, *self.args, **self.kwargs)
+        except BaseException as exc:
+            self.future.set_exception(exc)
+            # Break the cycle exception -> traceback -> frame -> self.
+            del exc
+        else:
+            self.future.set_result(result)
+
+
+class _ConnectionKeeper:
+    """Per-worker bookkeeping that keeps connections across jobs, with our own max age.
+
+    Django's ``CONN_MAX_AGE = 0`` default would close a connection after every
+    query; a worker instead keeps it ``CONNECTION_MAX_AGE`` seconds.
+    """
+
+    def __init__(self, max_age: float | None) -> None:
+        self.max_age = max_age
+        self.known: dict[str, Any] = {}
+
+    def before_job(self) -> None:
+        # Drops a connection whose job left it broken, in a transaction, or too old.
+        for conn in connections.all(initialized_only=True):
+            if conn.connection is not None:
+                conn.close_if_unusable_or_obsolete()
+
+    def after_job(self) -> None:
+        for conn in connections.all(initialized_only=True):
+            raw = conn.connection
+            if raw is None:
+                self.known.pop(conn.alias, None)
+            elif self.known.get(conn.alias) is not raw:
+                self.known[conn.alias] = raw
+                conn.close_at = (
+                    None if self.max_age is None else time.monotonic() + self.max_age
+                )
+
+    def close_all(self) -> None:
+        connections.close_all()
+        self.known.clear()
+
+
+def _worker(
+    pool_ref: weakref.ref[WorkerPool],
+    work_queue: queue.SimpleQueue[_WorkItem | None],
+    settings: Settings,
+) -> None:
+    _worker_state.is_worker = True
+    keeper = _ConnectionKeeper(settings.connection_max_age)
+    try:
+        while True:
+            idle_timeout = settings.connection_idle_timeout if keeper.known else None
+            try:
+                item = work_queue.get(timeout=idle_timeout)
+            except queue.Empty:
+                keeper.close_all()
+                continue
+            if item is None:
+                return
+            keeper.before_job()
+            item.run()
+            del item
+            keeper.after_job()
+            pool = pool_ref()
+            if pool is not None:
+                pool._idle.release()
+            del pool
+    except BaseException:
+        logger.critical("asynchrormous worker crashed", exc_info=True)
+        raise
+    finally:
+        keeper.close_all()
+
+
+class WorkerPool(Executor):
+    """Run jobs on up to ``settings.workers`` threads, each with its own connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._threads: set[threading.Thread] = set()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Future[T]:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future[T] = Future()
+            self._queue.put(_WorkItem(future, fn, args, kwargs))
+            self._adjust_thread_count()
+            return future
+
+    def _adjust_thread_count(self) -> None:
+        if self._idle.acquire(timeout=0):
+            return
+        if len(self._threads) < self.settings.workers:
+            thread = threading.Thread(
+                name=f"asynchrormous-{len(self._threads)}",
+                target=_worker,
+                args=(weakref.ref(self), self._queue, self.settings),
+                daemon=True,
+            )
+            thread.start()
+            self._threads.add(thread)
+
+    def shutdown(
+        self,
+        wait: bool = True,
+        *,
+        cancel_futures: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Stop the workers; each closes its connections on the way out."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item.future.cancel()
+            for _ in self._threads:
+                self._queue.put(None)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for thread in self._threads:
+                remaining = (
+                    None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
+                thread.join(remaining)
+                if thread.is_alive():
+                    logger.warning(
+                        "asynchrormous worker %s still running after shutdown", thread.name
+                    )
+
+
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
+
+
+def get_pool() -> WorkerPool:
+    """The process-wide pool, created on first use from the current settings."""
+    global _pool
+    pool = _pool
+    if pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = WorkerPool(get_settings())
+            pool = _pool
+    return pool
+
+
+def shutdown(wait: bool = True, timeout: float | None = 30.0) -> None:
+    """Stop the pool and close every worker connection; the next job starts a new pool.
+
+    Args:
+        wait: block until the workers have exited (and closed their connections).
+        timeout: at most this many seconds of waiting; a worker still inside a
+            long statement is then left to finish on its own.
+    """
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=wait, cancel_futures=True, timeout=timeout)
+
+
+@setting_changed.connect
+def _restart_on_setting_change(*, setting: str, **kwargs: Any) -> None:
+    if setting == "ASYNCHRORMOUS":
+        shutdown()
+
+
+# A forked child has none of the parent's worker threads; it must build its own pool
+# and never use (or close) the parent's connections. The abandoned pool is kept
+# referenced so nothing in the child finalizes objects the parent still uses.
+_abandoned_in_fork: list[WorkerPool] = []
+
+
+def _after_fork_in_child() -> None:
+    global _pool, _pool_lock
+    if _pool is not None:
+        _abandoned_in_fork.append(_pool)
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(shutdown)

@@ -1,0 +1,420 @@
+"""AsyncQuerySet: a Django QuerySet that can run its database work in the background.
+
+``run_async()`` puts a queryset in background mode: evaluations are submitted to the
+worker pool when asked for, terminals return lazy results, and the caller blocks only
+where a result is used. Without it, the queryset is exactly Django's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from django.core.exceptions import EmptyResultSet
+from django.db import connections
+from django.db.models import Manager, QuerySet
+from django.db.models.query import RawQuerySet
+from django.db.models.sql.compiler import SQLCompiler
+
+from .exceptions import AsynchrormousError
+from .results import DEFAULT, Job, lazy_result, submit
+
+__all__ = ["AsyncManager", "AsyncQuerySet", "AsyncQuerySetMixin", "AsyncRawQuerySet"]
+
+_T = TypeVar("_T")
+
+
+class _Deferred(BaseException):
+    """Raised by a dry-run compiler instead of sending SQL: the rest is database work.
+
+    A BaseException so that Django's ``except Exception`` cleanup (such as
+    ``mark_for_rollback_on_error``) does not take it for a database error.
+    """
+
+
+def _compile_then_defer(self: SQLCompiler, *args: Any, **kwargs: Any) -> Any:
+    try:
+        self.as_sql()
+    except EmptyResultSet:
+        pass
+    raise _Deferred
+
+
+_dry_run_compilers: dict[type, type] = {}
+
+
+def _dry_run_compiler(compiler: type) -> type:
+    try:
+        return _dry_run_compilers[compiler]
+    except KeyError:
+        dry = type(f"DryRun{compiler.__name__}", (compiler,), {})
+        dry.execute_sql = _compile_then_defer  # type: ignore[attr-defined]
+        return _dry_run_compilers.setdefault(compiler, dry)
+
+
+@contextlib.contextmanager
+def _dry_run(alias: str) -> Iterator[None]:
+    """Run Django's own code up to the first statement it would send on ``alias``.
+
+    Everything Django checks first (lookups, arguments, SQL compilation) raises here,
+    on the caller's thread, with Django's types and messages. Only the caller's own
+    connection wrapper is touched, and no statement reaches the database.
+    """
+    conn = connections[alias]
+    ops = conn.ops
+    compiler = ops.compiler
+    needs_rollback = conn.needs_rollback
+    ops.compiler = lambda name: _dry_run_compiler(compiler(name))  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del ops.compiler
+        # An atomic(savepoint=False) unwound by _Deferred must not doom the caller's
+        # own transaction when work runs inline.
+        conn.needs_rollback = needs_rollback
+
+
+def _fetch(queryset: QuerySet[Any]) -> list[Any]:
+    queryset._fetch_all()  # type: ignore[attr-defined]
+    return queryset._result_cache  # type: ignore[attr-defined,no-any-return]
+
+
+def _save_new(obj: Any, using: str) -> Any:
+    obj.save(force_insert=True, using=using)
+    return obj
+
+
+class AsyncQuerySetMixin(QuerySet[_T]):
+    """Adds background evaluation to a QuerySet; mix it into custom QuerySets first."""
+
+    # Class attributes so Django's __init__ and _clone need no override for defaults.
+    _background = False
+    _fetch_job: Job | None = None
+
+    # -- Entering background mode ------------------------------------------------
+
+    def run_async(self) -> AsyncQuerySetMixin[_T]:
+        """A clone in background mode; it runs nothing until it is started or used."""
+        if self._result_cache is not None:
+            raise AsynchrormousError(
+                "run_async() was called on a QuerySet that is already evaluated; call "
+                "it before iterating, or on .all() to query again."
+            )
+        clone = self._chain()
+        clone._background = True
+        return clone
+
+    run_async.queryset_only = False  # type: ignore[attr-defined]
+
+    def start(self) -> AsyncQuerySetMixin[_T]:
+        """Put this queryset in background mode and submit its fetch now; idempotent."""
+        if self._result_cache is None and self._fetch_job is None:
+            self._background = True
+            self._submit_fetch()
+        return self
+
+    def _submit_fetch(self) -> None:
+        db = self.db
+        # Compile on the caller: a bad query raises here, not where it is used.
+        with contextlib.suppress(EmptyResultSet):
+            self.query.get_compiler(using=db).as_sql()
+        worker_qs = self._clone()
+        worker_qs._background = False
+        worker_qs._db = db
+        self._fetch_job = submit(
+            _fetch,
+            worker_qs,
+            alias=db,
+            writes=False,
+            description=f"fetch of {self._describe()}",
+        )
+
+    def _collect_fetch(self, timeout: float | None = DEFAULT) -> None:
+        job = self._fetch_job
+        assert job is not None
+        try:
+            self._result_cache = job.result(timeout)
+        except BaseException:
+            # As in Django, a failed evaluation is retried on the next use.
+            self._fetch_job = None
+            raise
+        self._prefetch_done = True
+        self._fetch_job = None
+
+    def _describe(self, method: str | None = None) -> str:
+        name = f"{self.model.__name__} queryset" if self.model else "queryset"
+        return name if method is None else f"{name}.{method}()"
+
+    # -- Hooks for resolve(), wait(), is_ready(), cancel() ----------------------
+
+    def _background_job(self) -> Job | None:
+        return self._fetch_job
+
+    def _resolve_background(self, timeout: float | None) -> None:
+        if self._result_cache is None:
+            if self._fetch_job is None:
+                self.start()
+            self._collect_fetch(timeout)
+
+    # -- Django's evaluation points ----------------------------------------------
+
+    def _fetch_all(self) -> None:
+        if self._result_cache is None and (self._background or self._fetch_job):
+            if self._fetch_job is None:
+                self._submit_fetch()
+            self._collect_fetch()
+        super()._fetch_all()  # type: ignore[misc]
+
+    def _clone(self) -> AsyncQuerySetMixin[_T]:
+        clone = super()._clone()  # type: ignore[misc]
+        clone._background = self._background
+        return clone  # type: ignore[no-any-return]
+
+    def __getitem__(self, k: Any) -> Any:
+        if self._fetch_job is not None and self._result_cache is None:
+            # Integer indexes and slices answer from the started fetch.
+            self._collect_fetch()
+        result = super().__getitem__(k)
+        if self._background and isinstance(result, AsyncQuerySetMixin):
+            result.start()
+        return result
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncQuerySetMixin[_T]:
+        job, self._fetch_job = self._fetch_job, None
+        try:
+            return super().__deepcopy__(memo)  # type: ignore[misc,no-any-return]
+        finally:
+            self._fetch_job = job
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.pop("_fetch_job", None)
+        return state  # type: ignore[no-any-return]
+
+    # -- Terminals: lazy results in background mode ------------------------------
+
+    def _background_call(
+        self,
+        name: str,
+        resultclass: type | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """Run terminal ``name`` with Django's checks now and its database work later.
+
+        Django's method first runs on a clone up to its first statement (see
+        ``_dry_run``); if it answers without one (a filled result cache), that is the
+        value. Otherwise the same call is submitted, and a lazy result returned.
+        """
+        method: Callable[..., Any] = getattr(QuerySet, name)
+        writes = getattr(method, "alters_data", False)
+        qs = self._chain()
+        qs._background = False
+        qs._result_cache = self._result_cache
+        qs._prefetch_done = self._prefetch_done
+        qs._for_write = qs._for_write or writes
+        db = qs._db = qs.db
+        try:
+            with _dry_run(db):
+                value = getattr(qs, name)(*args, **kwargs)
+        except _Deferred:
+            pass
+        else:
+            return value
+        qs._result_cache = None
+        if writes:
+            # As Django does after update() and delete(): the cache may be stale.
+            self._result_cache = None
+        job = submit(
+            _call,
+            qs,
+            name,
+            args,
+            kwargs,
+            alias=db,
+            writes=writes,
+            description=self._describe(name),
+        )
+        return lazy_result(job, resultclass)
+
+    def _derived(self, transform: Callable[[list[Any]], Any], name: str) -> Any:
+        """A lazy result computed from this queryset's started fetch (Django's cache rule)."""
+        assert self._fetch_job is not None
+        return self._fetch_job.derive(transform, self._describe(name))
+
+    def count(self) -> int:
+        if not self._background:
+            return super().count()
+        if self._fetch_job is not None and self._result_cache is None:
+            return lazy_result(self._derived(len, "count"), int)  # type: ignore[no-any-return]
+        return self._background_call("count", int)  # type: ignore[no-any-return]
+
+    def exists(self) -> bool:
+        if not self._background:
+            return super().exists()
+        if self._fetch_job is not None and self._result_cache is None:
+            return lazy_result(self._derived(bool, "exists"), bool)  # type: ignore[no-any-return]
+        return self._background_call("exists", bool)  # type: ignore[no-any-return]
+
+    def contains(self, obj: Any) -> bool:
+        if not self._background:
+            return super().contains(obj)
+        return self._background_call("contains", bool, obj)  # type: ignore[no-any-return]
+
+    def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if not self._background:
+            return super().aggregate(*args, **kwargs)
+        return self._background_call("aggregate", dict, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def in_bulk(self, id_list: Any = None, *, field_name: str = "pk") -> dict[Any, _T]:
+        if not self._background:
+            return super().in_bulk(id_list, field_name=field_name)
+        return self._background_call("in_bulk", dict, id_list, field_name=field_name)  # type: ignore[no-any-return]
+
+    def get(self, *args: Any, **kwargs: Any) -> _T:
+        if not self._background:
+            return super().get(*args, **kwargs)
+        return self._background_call("get", None, *args, **kwargs)  # type: ignore[no-any-return]
+
+    def first(self) -> _T | None:
+        if not self._background:
+            return super().first()
+        return self._background_call("first", None)  # type: ignore[no-any-return]
+
+    def last(self) -> _T | None:
+        if not self._background:
+            return super().last()
+        return self._background_call("last", None)  # type: ignore[no-any-return]
+
+    def earliest(self, *fields: Any) -> _T:
+        if not self._background:
+            return super().earliest(*fields)
+        return self._background_call("earliest", None, *fields)  # type: ignore[no-any-return]
+
+    def latest(self, *fields: Any) -> _T:
+        if not self._background:
+            return super().latest(*fields)
+        return self._background_call("latest", None, *fields)  # type: ignore[no-any-return]
+
+    def explain(self, *, format: Any = None, **options: Any) -> str:
+        if not self._background:
+            return super().explain(format=format, **options)
+        return self._background_call("explain", str, format=format, **options)  # type: ignore[no-any-return]
+
+    def create(self, **kwargs: Any) -> _T:
+        if not self._background:
+            return super().create(**kwargs)
+        # Build the instance here (bad fields raise now, signals fire once, in the
+        # worker's save) and save it in the background.
+        reverse_one_to_one = frozenset(kwargs).intersection(
+            self.model._meta._reverse_one_to_one_field_names  # type: ignore[attr-defined]
+        )
+        if reverse_one_to_one:
+            super().create(**kwargs)  # raises Django's own ValueError
+        obj = self.model(**kwargs)
+        self._for_write = True
+        db = self.db
+        job = submit(
+            _save_new,
+            obj,
+            db,
+            alias=db,
+            writes=True,
+            description=self._describe("create"),
+        )
+        return lazy_result(job, None)  # type: ignore[no-any-return]
+
+    create.alters_data = True  # type: ignore[attr-defined]
+
+    def get_or_create(
+        self, defaults: Any = None, **kwargs: Any
+    ) -> tuple[_T, bool]:
+        if not self._background:
+            return super().get_or_create(defaults, **kwargs)
+        return self._background_call("get_or_create", tuple, defaults, **kwargs)  # type: ignore[no-any-return]
+
+    get_or_create.alters_data = True  # type: ignore[attr-defined]
+
+    def update_or_create(
+        self, defaults: Any = None, create_defaults: Any = None, **kwargs: Any
+    ) -> tuple[_T, bool]:
+        if not self._background:
+            return super().update_or_create(defaults, create_defaults, **kwargs)
+        return self._background_call(  # type: ignore[no-any-return]
+            "update_or_create", tuple, defaults, create_defaults, **kwargs
+        )
+
+    update_or_create.alters_data = True  # type: ignore[attr-defined]
+
+    def bulk_create(self, objs: Any, *args: Any, **kwargs: Any) -> list[_T]:
+        if not self._background:
+            return super().bulk_create(objs, *args, **kwargs)
+        return self._background_call("bulk_create", list, list(objs), *args, **kwargs)  # type: ignore[no-any-return]
+
+    bulk_create.alters_data = True  # type: ignore[attr-defined]
+
+    def bulk_update(self, objs: Any, fields: Any, batch_size: int | None = None) -> int:
+        if not self._background:
+            return super().bulk_update(objs, fields, batch_size)
+        return self._background_call(  # type: ignore[no-any-return]
+            "bulk_update", int, list(objs), fields, batch_size
+        )
+
+    bulk_update.alters_data = True  # type: ignore[attr-defined]
+
+    def update(self, **kwargs: Any) -> int:
+        if not self._background:
+            return super().update(**kwargs)
+        return self._background_call("update", int, **kwargs)  # type: ignore[no-any-return]
+
+    update.alters_data = True  # type: ignore[attr-defined]
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        if not self._background:
+            return super().delete()
+        return self._background_call("delete", tuple)  # type: ignore[no-any-return]
+
+    delete.alters_data = True  # type: ignore[attr-defined]
+    delete.queryset_only = True  # type: ignore[attr-defined]
+
+    def raw(
+        self,
+        raw_query: str,
+        params: Any = (),
+        translations: dict[str, str] | None = None,
+        using: str | None = None,
+    ) -> AsyncRawQuerySet:
+        if using is None:
+            using = self.db
+        return AsyncRawQuerySet(
+            raw_query,
+            model=self.model,
+            params=params,
+            translations=translations,
+            using=using,
+        )
+
+
+def _call(queryset: QuerySet[Any], name: str, args: Any, kwargs: Any) -> Any:
+    return getattr(queryset, name)(*args, **kwargs)
+
+
+class AsyncQuerySet(AsyncQuerySetMixin[_T]):
+    """Django's QuerySet with ``run_async()`` and ``start()``."""
+
+
+class AsyncRawQuerySet(RawQuerySet):
+    """The RawQuerySet of an AsyncQuerySet: says clearly that it has no background mode."""
+
+    def run_async(self) -> None:
+        raise AsynchrormousError(
+            "run_async() is not supported on a RawQuerySet (Model.objects.raw()); run "
+            "it in the background with a QuerySet, or iterate it directly."
+        )
+
+    start = run_async
+
+
+class AsyncManager(Manager.from_queryset(AsyncQuerySet)):  # type: ignore[misc]
+    """The manager to put on models: ``objects = AsyncManager()``."""

@@ -1,0 +1,351 @@
+"""Background jobs and the lazy values that stand for their results.
+
+A job runs on the worker pool, or inline on the caller's thread when the caller is
+inside a transaction on the job's database (read-your-writes) or is itself a worker
+(no deadlock on a full pool). Either way its outcome lives in a
+``concurrent.futures.Future`` and surfaces where the lazy result is first used.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from django.db import connections
+from django.utils.functional import Promise, SimpleLazyObject, lazy
+
+from .conf import get_settings
+from .exceptions import Cancelled, ResultTimeout
+from .pool import get_pool, in_worker
+from .signals import instrumented, job_finished
+
+__all__ = [
+    "Job",
+    "LazyObjectResult",
+    "cancel",
+    "is_ready",
+    "lazy_result",
+    "resolve",
+    "submit",
+    "wait",
+]
+
+logger = logging.getLogger("asynchrormous")
+
+T = TypeVar("T")
+
+# Marks "use the TIMEOUT setting"; None already means "wait forever".
+DEFAULT: Any = object()
+
+
+def _timeout(timeout: float | None) -> float | None:
+    timeout = get_settings().timeout if timeout is DEFAULT else timeout
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be None or >= 0 seconds, not {timeout!r}.")
+    return timeout
+
+
+class Job:
+    """One background evaluation: its Future, what it is, and whether anyone saw the outcome."""
+
+    __slots__ = ("__weakref__", "description", "future", "observed", "transform")
+
+    def __init__(
+        self,
+        future: concurrent.futures.Future[Any],
+        description: str,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.future = future
+        self.description = description
+        self.transform = transform
+        self.observed = False
+
+    def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
+        """A job whose value is ``transform`` of this one's (``count()`` of a started fetch)."""
+        return Job(self.future, description, transform)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def result(self, timeout: float | None = DEFAULT) -> Any:
+        """The value, raising the worker's exception with its original type and traceback.
+
+        Raises:
+            ResultTimeout: not ready within ``timeout`` (default: the TIMEOUT setting).
+            Cancelled: the job was cancelled before it ran.
+        """
+        timeout = _timeout(timeout)
+        try:
+            exc = self.future.exception(timeout)
+        except concurrent.futures.CancelledError:
+            raise Cancelled(f"{self.description} was cancelled before it ran.") from None
+        except concurrent.futures.TimeoutError:
+            raise ResultTimeout(
+                f"{self.description} was not ready after {timeout:.2f} s; raise "
+                f"ASYNCHRORMOUS['TIMEOUT'] or pass resolve(..., timeout=...)."
+            ) from None
+        finally:
+            self.observed = self.future.done()
+        if exc is not None:
+            raise exc
+        value = self.future.result()
+        return value if self.transform is None else self.transform(value)
+
+    def __repr__(self) -> str:
+        state = self.future._state.lower()  # PENDING, RUNNING, FINISHED, CANCELLED…
+        return f"<Job {self.description} {state}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickling a lazy result pickles its value, as pickling a QuerySet does.
+        return (_finished_job, (self.result(), self.description))
+
+    def __del__(self) -> None:
+        # As asyncio does for "exception was never retrieved".
+        future = self.future
+        if self.observed or self.transform is not None or not future.done():
+            return
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            logger.error(
+                "Exception in background %s was never retrieved",
+                self.description,
+                exc_info=exc,
+            )
+
+
+def _finished_job(value: Any, description: str) -> Job:
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    future.set_result(value)
+    return Job(future, description)
+
+
+# -- Submission -----------------------------------------------------------------
+
+_caller = threading.local()
+
+
+def _pending_writes(alias: str) -> list[concurrent.futures.Future[Any]]:
+    """This caller's background writes on ``alias`` that may still be running."""
+    writes: dict[str, list[concurrent.futures.Future[Any]]] = _caller.__dict__.setdefault(
+        "writes", {}
+    )
+    pending = writes.setdefault(alias, [])
+    pending[:] = [f for f in pending if not f.done()]
+    return pending
+
+
+class _WriteBarrier:
+    """Execute wrapper on the caller's connection: its pending writes finish before its SQL.
+
+    Installed while the caller has background writes in flight, so a plain query it
+    makes afterwards reads its own writes without calling ``resolve()``.
+    """
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+
+    def __call__(
+        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        self.drain()
+        return execute(sql, params, many, context)
+
+    def drain(self) -> None:
+        pending = _pending_writes(self.alias)
+        if pending:
+            _wait_all(pending, DEFAULT, f"the pending background writes on {self.alias!r}")
+        wrappers = connections[self.alias].execute_wrappers
+        if self in wrappers:
+            wrappers.remove(self)
+
+
+def _track_write(alias: str, future: concurrent.futures.Future[Any]) -> None:
+    _pending_writes(alias).append(future)
+    wrappers = connections[alias].execute_wrappers
+    if not any(isinstance(w, _WriteBarrier) for w in wrappers):
+        wrappers.append(_WriteBarrier(alias))
+
+
+def _run_after(
+    prerequisites: list[concurrent.futures.Future[Any]],
+    timeout: float | None,
+    fn: Callable[..., Any],
+    *args: Any,
+) -> Any:
+    # Earlier futures were queued first, so they are running or done: no deadlock.
+    concurrent.futures.wait(prerequisites, timeout)
+    return fn(*args)
+
+
+def must_run_inline(alias: str) -> bool:
+    """Whether work on ``alias`` must run on the caller's own thread and connection.
+
+    Inside a transaction the caller's uncommitted rows are visible only to its own
+    connection; inside a worker, waiting on the pool could deadlock it.
+    """
+    if in_worker():
+        return True
+    conn = connections[alias]
+    return conn.in_atomic_block or (conn.connection is not None and not conn.autocommit)
+
+
+def submit(
+    fn: Callable[..., Any],
+    *args: Any,
+    alias: str,
+    writes: bool,
+    description: str,
+) -> Job:
+    """Run ``fn(*args)`` in the background on behalf of the caller, for database ``alias``.
+
+    A caller's later work on ``alias`` waits for its earlier writes (``writes=True``).
+    """
+    future: concurrent.futures.Future[Any]
+    inline = must_run_inline(alias)
+    if job_finished.has_listeners():
+        fn = instrumented(fn, alias, description, inline)
+    if inline:
+        future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return Job(future, description)
+    pending = _pending_writes(alias)
+    if pending:
+        future = get_pool().submit(
+            _run_after, list(pending), get_settings().timeout, fn, *args
+        )
+    else:
+        future = get_pool().submit(fn, *args)
+    if writes:
+        _track_write(alias, future)
+    return Job(future, description)
+
+
+# -- Lazy results ---------------------------------------------------------------
+
+
+def _value(job: Job) -> Any:
+    return job.result()
+
+
+# Built once per type: lazy() makes a new proxy class on every call.
+_LAZY_TYPES: dict[type, Callable[[Job], Any]] = {
+    cls: lazy(_value, cls) for cls in (int, bool, dict, tuple, list, str)
+}
+
+
+class LazyObjectResult(SimpleLazyObject):
+    """A model instance (or None) still being fetched; ``isinstance`` and ``==`` see it.
+
+    ``is None`` cannot be proxied: use ``resolve()`` for that.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.__dict__["_job"] = job
+        super().__init__(job.result)
+
+    def __repr__(self) -> str:
+        # Never blocks, as Django's SimpleLazyObject.__repr__ never evaluates.
+        return f"<LazyObjectResult: {self.__dict__['_job']!r}>"
+
+
+def lazy_result(job: Job, resultclass: type | None) -> Any:
+    """The lazy stand-in for ``job``'s value: a ``lazy()`` proxy of a builtin type, else an object proxy."""
+    if resultclass is None:
+        return LazyObjectResult(job)
+    proxy = _LAZY_TYPES[resultclass](job)
+    proxy._job = job
+    return proxy
+
+
+@runtime_checkable
+class BackgroundEvaluable(Protocol):
+    """What resolve() and friends need from a background QuerySet."""
+
+    def _background_job(self) -> Job | None: ...
+
+    def _resolve_background(self, timeout: float | None) -> None: ...
+
+    def start(self) -> Any: ...
+
+
+def _job_of(value: Any) -> Job | None:
+    if isinstance(value, LazyObjectResult):
+        return value.__dict__["_job"]
+    if isinstance(value, Promise):
+        return vars(value).get("_job")
+    if isinstance(value, BackgroundEvaluable):
+        return value._background_job()
+    return None
+
+
+def resolve(value: T, timeout: float | None = DEFAULT) -> T:
+    """The concrete value behind a lazy result; plain values pass through.
+
+    A background QuerySet is waited for and returned with its result cache filled.
+
+    Raises:
+        ResultTimeout, Cancelled, or the exception the background job raised.
+    """
+    if isinstance(value, BackgroundEvaluable):
+        value._resolve_background(_timeout(timeout))
+        return value
+    job = _job_of(value)
+    return value if job is None else job.result(timeout)
+
+
+def _wait_all(
+    futures: Iterable[concurrent.futures.Future[Any]], timeout: float | None, what: str
+) -> None:
+    timeout = _timeout(timeout)
+    futures = list(futures)
+    _, not_done = concurrent.futures.wait(futures, timeout)
+    if not_done:
+        raise ResultTimeout(
+            f"{len(not_done)} of {len(futures)} of {what} not ready after "
+            f"{timeout:.2f} s."
+        )
+
+
+def wait(*values: Any, timeout: float | None = DEFAULT) -> None:
+    """Block until every given lazy result or background QuerySet is ready.
+
+    Starts background QuerySets that are not started yet. Does not raise the jobs'
+    exceptions: those surface where each result is used.
+
+    Raises:
+        ResultTimeout: some were not ready within ``timeout``.
+    """
+    futures = []
+    for value in values:
+        if isinstance(value, BackgroundEvaluable) and value._background_job() is None:
+            value.start()
+        job = _job_of(value)
+        if job is not None:
+            futures.append(job.future)
+    _wait_all(futures, timeout, "the background results")
+
+
+def is_ready(value: Any) -> bool:
+    """Whether using ``value`` now would not block (plain values are always ready)."""
+    job = _job_of(value)
+    if job is not None:
+        return job.done()
+    if isinstance(value, BackgroundEvaluable):
+        return getattr(value, "_result_cache", None) is not None
+    return True
+
+
+def cancel(value: Any) -> bool:
+    """Cancel the job behind ``value`` if it has not started; True if it was cancelled.
+
+    Using a cancelled result raises ``Cancelled``.
+    """
+    job = _job_of(value)
+    return job is not None and job.future.cancel()

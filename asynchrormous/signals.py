@@ -1,0 +1,62 @@
+"""Instrumentation: ``job_finished`` reports each background job's timing, thread and SQL.
+
+Connect a receiver to draw timelines or log slow jobs; with no receivers connected
+jobs are not instrumented at all.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connections
+from django.dispatch import Signal
+
+__all__ = ["instrumented", "job_finished"]
+
+#: Sent from the thread that ran the job, once it ends, with keyword arguments
+#: ``description`` (str), ``alias`` (str), ``thread`` (thread name), ``inline``
+#: (bool: ran on the caller's thread), ``started`` and ``finished``
+#: (``time.perf_counter()`` values), ``sql`` (list of statements) and ``exception``
+#: (the exception it raised, or None). The sender is None.
+job_finished = Signal()
+
+
+def instrumented(
+    fn: Callable[..., Any], alias: str, description: str, inline: bool
+) -> Callable[..., Any]:
+    """Wrap ``fn`` so that running it sends ``job_finished``."""
+
+    def run(*args: Any) -> Any:
+        statements: list[str] = []
+
+        def record(
+            execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+        ) -> Any:
+            statements.append(sql)
+            return execute(sql, params, many, context)
+
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            with connections[alias].execute_wrapper(record):
+                return fn(*args)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            job_finished.send(
+                sender=None,
+                description=description,
+                alias=alias,
+                thread=threading.current_thread().name,
+                inline=inline,
+                started=started,
+                finished=time.perf_counter(),
+                sql=statements,
+                exception=error,
+            )
+
+    return run

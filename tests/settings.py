@@ -1,0 +1,63 @@
+"""Test settings: ASYNCHRORMOUS_TEST_DB picks sqlite (default), postgres or mariadb."""
+
+import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+OUTPUT_DIR = Path(os.environ.get("ASYNCHRORMOUS_TEST_OUTPUT", BASE_DIR / "test-output"))
+OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+
+DB = os.environ.get("ASYNCHRORMOUS_TEST_DB", "sqlite")
+# Parallel tox environments share the servers: give each its own test database.
+SUFFIX = os.environ.get("TOX_ENV_NAME", "local").replace("-", "_").replace(".", "_")
+
+if DB == "sqlite":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(OUTPUT_DIR / f"{SUFFIX}.sqlite3"),
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL;",
+            },
+            "TEST": {"NAME": str(OUTPUT_DIR / f"test_{SUFFIX}.sqlite3")},
+        }
+    }
+elif DB == "postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "postgres",
+            "USER": "postgres",
+            "HOST": "127.0.0.1",
+            "PORT": 5432,
+            "TEST": {"NAME": f"test_asynchrormous_{SUFFIX}"},
+        }
+    }
+elif DB == "mariadb":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.mysql",
+            "NAME": "test",
+            "USER": "root",
+            "HOST": "127.0.0.1",
+            "PORT": 3306,
+            "OPTIONS": {"charset": "utf8mb4"},
+            "TEST": {"NAME": f"test_asynchrormous_{SUFFIX}", "CHARSET": "utf8mb4"},
+        }
+    }
+else:
+    raise RuntimeError(f"ASYNCHRORMOUS_TEST_DB must be sqlite, postgres or mariadb, not {DB!r}")
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "asynchrormous",
+    "tests.testapp",
+]
+SECRET_KEY = "tests"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates"}]
+ASYNCHRORMOUS = {"WORKERS": 4, "TIMEOUT": 30.0}

@@ -1,0 +1,42 @@
+from django.db import models
+
+from asynchrormous import AsyncManager
+
+
+class Publisher(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+
+    objects = AsyncManager()
+
+
+class Author(models.Model):
+    name = models.CharField(max_length=100)
+
+    objects = AsyncManager()
+
+    def __str__(self):
+        return self.name
+
+
+class Book(models.Model):
+    title = models.CharField(max_length=200)
+    author = models.ForeignKey(Author, models.CASCADE, related_name="books")
+    publisher = models.ForeignKey(Publisher, models.SET_NULL, null=True)
+    pages = models.IntegerField(default=100)
+    year = models.IntegerField(default=2000)
+    isbn = models.CharField(max_length=20, unique=True, null=True)
+
+    objects = AsyncManager()
+
+    class Meta:
+        get_latest_by = "year"
+
+    def __str__(self):
+        return self.title
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=50)
+    books = models.ManyToManyField(Book, related_name="tags")
+
+    objects = AsyncManager()
