@@ -20,11 +20,11 @@ from concurrent.futures import Executor, Future
 from typing import Any, ParamSpec, TypeVar
 
 from django.core.signals import setting_changed
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 
 from .conf import Settings, get_settings
 
-__all__ = ["WorkerPool", "get_pool", "in_worker", "shutdown"]
+__all__ = ["WorkerPool", "get_pool", "in_worker", "read_with_reconnect", "shutdown"]
 
 logger = logging.getLogger("asynchrormous")
 
@@ -37,6 +37,25 @@ _worker_state = threading.local()
 def in_worker() -> bool:
     """Whether the current thread is a worker of a pool (nested work then runs inline)."""
     return getattr(_worker_state, "is_worker", False)
+
+
+def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run a read job; if the worker's kept connection died while idle, retry once.
+
+    A server restart or an idle-connection reaper kills kept connections unseen;
+    only the next statement notices. Reads are safe to repeat, writes are not.
+    """
+    try:
+        return fn(*args)
+    except (OperationalError, InterfaceError):
+        conn = connections[alias]
+        if not in_worker() or conn.in_atomic_block:
+            raise
+        if conn.connection is not None and conn.is_usable():
+            raise
+        logger.warning("replacing a lost connection to %r and retrying", alias)
+        conn.close()
+        return fn(*args)
 
 
 class _WorkItem:

@@ -18,6 +18,7 @@ from django.db.models.query import RawQuerySet
 from django.db.models.sql.compiler import SQLCompiler
 
 from .exceptions import AsynchrormousError
+from .pool import read_with_reconnect
 from .results import DEFAULT, Job, lazy_result, submit
 
 __all__ = ["AsyncManager", "AsyncQuerySet", "AsyncQuerySetMixin", "AsyncRawQuerySet"]
@@ -75,9 +76,13 @@ def _dry_run(alias: str) -> Iterator[None]:
         conn.needs_rollback = needs_rollback
 
 
-def _fetch(queryset: QuerySet[Any]) -> list[Any]:
+def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
     queryset._fetch_all()  # type: ignore[attr-defined]
     return queryset._result_cache  # type: ignore[attr-defined,no-any-return]
+
+
+def _fetch(queryset: QuerySet[Any]) -> list[Any]:
+    return read_with_reconnect(queryset.db, _fetch_rows, queryset)
 
 
 def _save_new(obj: Any, using: str) -> Any:
@@ -227,7 +232,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
             # As Django does after update() and delete(): the cache may be stale.
             self._result_cache = None
         job = submit(
-            _call,
+            _call if writes else _read,
             qs,
             name,
             args,
@@ -398,6 +403,10 @@ class AsyncQuerySetMixin(QuerySet[_T]):
 
 def _call(queryset: QuerySet[Any], name: str, args: Any, kwargs: Any) -> Any:
     return getattr(queryset, name)(*args, **kwargs)
+
+
+def _read(queryset: QuerySet[Any], name: str, args: Any, kwargs: Any) -> Any:
+    return read_with_reconnect(queryset.db, _call, queryset, name, args, kwargs)
 
 
 class AsyncQuerySet(AsyncQuerySetMixin[_T]):

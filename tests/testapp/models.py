@@ -25,6 +25,7 @@ class Book(models.Model):
     pages = models.IntegerField(default=100)
     year = models.IntegerField(default=2000)
     isbn = models.CharField(max_length=20, unique=True, null=True)
+    published = models.DateField(null=True)
 
     objects = AsyncManager()
 

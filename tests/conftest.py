@@ -1,0 +1,46 @@
+import datetime
+import threading
+
+import pytest
+
+import asynchrormous
+from asynchrormous.signals import job_finished
+from tests.testapp.models import Author, Book, Publisher
+
+
+@pytest.fixture(autouse=True)
+def _stop_pool():
+    """Each test starts with no pool, and worker connections never outlive a test."""
+    yield
+    asynchrormous.shutdown(timeout=30)
+
+
+@pytest.fixture
+def jobs():
+    """The background jobs that ran during the test, as job_finished reported them."""
+    seen = []
+    lock = threading.Lock()
+
+    def record(**kwargs):
+        with lock:
+            seen.append(kwargs)
+
+    job_finished.connect(record, weak=False)
+    yield seen
+    job_finished.disconnect(record)
+
+
+@pytest.fixture
+def books(db):
+    a1 = Author.objects.create(name="Ann")
+    a2 = Author.objects.create(name="Bob")
+    pub = Publisher.objects.create(name="Pub")
+    created = [
+        Book.objects.create(
+            title=f"Book {i}", author=a1 if i % 2 else a2, publisher=pub,
+            pages=100 + i * 10, year=1990 + i,
+            published=datetime.date(1990 + i // 2, 1 + i, 1),
+        )
+        for i in range(6)
+    ]
+    return created
