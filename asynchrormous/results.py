@@ -275,13 +275,20 @@ class BackgroundEvaluable(Protocol):
     def start(self) -> Any: ...
 
 
+def _is_background_queryset(value: Any) -> bool:
+    return issubclass(type(value), BackgroundEvaluable)
+
+
 def _job_of(value: Any) -> Job | None:
-    if isinstance(value, LazyObjectResult):
-        return value.__dict__["_job"]
-    if isinstance(value, Promise):
+    # Only type(value), never isinstance(): on a miss isinstance() reads
+    # value.__class__, which evaluates an object proxy.
+    kind = type(value)
+    if issubclass(kind, LazyObjectResult):
+        return value.__dict__["_job"]  # type: ignore[no-any-return]
+    if issubclass(kind, Promise):
         return vars(value).get("_job")
-    if isinstance(value, BackgroundEvaluable):
-        return value._background_job()
+    if _is_background_queryset(value):
+        return value._background_job()  # type: ignore[no-any-return]
     return None
 
 
@@ -293,11 +300,11 @@ def resolve(value: T, timeout: float | None = DEFAULT) -> T:
     Raises:
         ResultTimeout, Cancelled, or the exception the background job raised.
     """
-    if isinstance(value, BackgroundEvaluable):
-        value._resolve_background(_timeout(timeout))
+    if _is_background_queryset(value):
+        value._resolve_background(_timeout(timeout))  # type: ignore[attr-defined]
         return value
     job = _job_of(value)
-    return value if job is None else job.result(timeout)
+    return value if job is None else job.result(timeout)  # type: ignore[no-any-return]
 
 
 def _wait_all(
@@ -324,7 +331,7 @@ def wait(*values: Any, timeout: float | None = DEFAULT) -> None:
     """
     futures = []
     for value in values:
-        if isinstance(value, BackgroundEvaluable) and value._background_job() is None:
+        if _is_background_queryset(value) and value._background_job() is None:
             value.start()
         job = _job_of(value)
         if job is not None:
@@ -337,13 +344,13 @@ def is_ready(value: Any) -> bool:
     job = _job_of(value)
     if job is not None:
         return job.done()
-    if isinstance(value, BackgroundEvaluable):
+    if _is_background_queryset(value):
         return getattr(value, "_result_cache", None) is not None
     return True
 
 
 def cancel(value: Any) -> bool:
-    """Cancel the job behind ``value`` if it has not started; True if it was cancelled.
+    """Cancel the job behind ``value`` if it has not started; True if it is cancelled.
 
     Using a cancelled result raises ``Cancelled``.
     """
