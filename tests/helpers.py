@@ -1,7 +1,5 @@
 """Helpers that make the database report where and how long a query ran."""
 
-import threading
-
 from django.db import connection
 from django.db.models.expressions import RawSQL
 
@@ -19,11 +17,8 @@ def sleep_expr(seconds):
 
 
 def caller_backend_id():
-    if connection.vendor == "sqlite":
-        return threading.get_ident()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT " + BACKEND_ID_SQL[connection.vendor])
-        return cursor.fetchone()[0]
+    connection.ensure_connection()
+    return connection.test_backend_id
 
 
 def thread_of(backend_id):

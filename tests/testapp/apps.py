@@ -1,3 +1,4 @@
+import itertools
 import threading
 import time
 
@@ -6,6 +7,7 @@ from django.db.backends.signals import connection_created
 
 #: Which thread opened each server-side session: backend id -> thread name.
 BACKEND_THREADS: dict[int, str] = {}
+_sqlite_sessions = itertools.count(1)
 
 # What each vendor calls "the session running this statement".
 BACKEND_ID_SQL = {
@@ -29,13 +31,14 @@ def _sqlite_sleep(seconds):
 def _record_backend(sender, connection, **kwargs):
     if connection.vendor == "sqlite":
         connection.connection.create_function("sleep", 1, _sqlite_sleep)
-        connection.connection.create_function("backend_id", 0, threading.get_ident)
-        backend_id = threading.get_ident()
+        backend_id = next(_sqlite_sessions)
+        connection.connection.create_function("backend_id", 0, lambda: backend_id)
     else:
         with connection.connection.cursor() as cursor:
             cursor.execute("SELECT " + BACKEND_ID_SQL[connection.vendor])
             backend_id = cursor.fetchone()[0]
     BACKEND_THREADS[backend_id] = threading.current_thread().name
+    connection.test_backend_id = backend_id
 
 
 class TestAppConfig(AppConfig):
