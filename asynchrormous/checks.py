@@ -9,7 +9,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from .conf import DEFAULTS, setting_errors
 
-__all__ = ["check_databases", "check_settings"]
+__all__ = ["check_databases", "check_settings", "database_messages"]
 
 SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
 
@@ -28,8 +28,13 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
 
 @register(Tags.database, Tags.compatibility)
 def check_databases(**kwargs: Any) -> list[CheckMessage]:
+    return database_messages(settings.DATABASES)
+
+
+def database_messages(databases: dict[str, dict[str, Any]]) -> list[CheckMessage]:
+    """What check_databases reports for a DATABASES setting."""
     messages: list[CheckMessage] = []
-    for alias, conf in settings.DATABASES.items():
+    for alias, conf in databases.items():
         engine = conf.get("ENGINE", "")
         vendor = engine.rsplit(".", 1)[-1]
         if vendor == "sqlite3":
@@ -48,7 +53,8 @@ def check_databases(**kwargs: Any) -> list[CheckMessage]:
 
 def _check_sqlite(alias: str, conf: dict[str, Any]) -> list[CheckMessage]:
     name = str(conf.get("NAME", ""))
-    if name in ("", ":memory:") or ("mode=memory" in name and "cache=shared" not in name):
+    private_memory = "mode=memory" in name and "cache=shared" not in name
+    if name in ("", ":memory:") or private_memory:
         return [
             Error(
                 f"Database {alias!r} is a private in-memory SQLite database: each "

@@ -50,7 +50,7 @@ def _is_seconds(value: object, *, allow_none: bool) -> bool:
 
 
 def setting_errors() -> list[tuple[str, str]]:
-    """Return ``(check id, message)`` for everything wrong in ``settings.ASYNCHRORMOUS``."""
+    """``(check id, message)`` for everything wrong in ``settings.ASYNCHRORMOUS``."""
     raw = getattr(settings, "ASYNCHRORMOUS", {})
     if not isinstance(raw, dict):
         return [

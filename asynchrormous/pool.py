@@ -35,7 +35,7 @@ _worker_state = threading.local()
 
 
 def in_worker() -> bool:
-    """Whether the current thread is a worker of a pool (nested work then runs inline)."""
+    """Whether this thread is a pool worker (nested work then runs inline)."""
     return getattr(_worker_state, "is_worker", False)
 
 
@@ -217,7 +217,8 @@ class WorkerPool(Executor):
                 thread.join(remaining)
                 if thread.is_alive():
                     logger.warning(
-                        "asynchrormous worker %s still running after shutdown", thread.name
+                        "asynchrormous worker %s still running after shutdown",
+                        thread.name,
                     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from django.core.exceptions import EmptyResultSet
 from django.db import connections
-from django.db.models import Manager, QuerySet
+from django.db.models import Manager, Model, QuerySet
 from django.db.models.query import RawQuerySet
 from django.db.models.sql.compiler import SQLCompiler
 
@@ -23,7 +23,7 @@ from .results import DEFAULT, Job, lazy_result, submit
 
 __all__ = ["AsyncManager", "AsyncQuerySet", "AsyncQuerySetMixin", "AsyncRawQuerySet"]
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=Model)
 
 
 class _Deferred(BaseException):
@@ -66,7 +66,7 @@ def _dry_run(alias: str) -> Iterator[None]:
     ops = conn.ops
     compiler = ops.compiler
     needs_rollback = conn.needs_rollback
-    ops.compiler = lambda name: _dry_run_compiler(compiler(name))  # type: ignore[method-assign]
+    ops.compiler = lambda name: _dry_run_compiler(compiler(name))  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -77,8 +77,10 @@ def _dry_run(alias: str) -> Iterator[None]:
 
 
 def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
-    queryset._fetch_all()  # type: ignore[attr-defined]
-    return queryset._result_cache  # type: ignore[attr-defined,no-any-return]
+    queryset._fetch_all()
+    rows = queryset._result_cache
+    assert rows is not None
+    return rows
 
 
 def _fetch(queryset: QuerySet[Any]) -> list[Any]:
@@ -106,11 +108,9 @@ class AsyncQuerySetMixin(QuerySet[_T]):
                 "run_async() was called on a QuerySet that is already evaluated; call "
                 "it before iterating, or on .all() to query again."
             )
-        clone = self._chain()
+        clone = self._chain()  # type: ignore[attr-defined]
         clone._background = True
         return clone
-
-    run_async.queryset_only = False  # type: ignore[attr-defined]
 
     def start(self) -> AsyncQuerySetMixin[_T]:
         """Put this queryset in background mode and submit its fetch now; idempotent."""
@@ -126,7 +126,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
             self.query.get_compiler(using=db).as_sql()
         worker_qs = self._clone()
         worker_qs._background = False
-        worker_qs._db = db
+        worker_qs._db = db  # type: ignore[attr-defined]
         self._fetch_job = submit(
             _fetch,
             worker_qs,
@@ -169,12 +169,12 @@ class AsyncQuerySetMixin(QuerySet[_T]):
             if self._fetch_job is None:
                 self._submit_fetch()
             self._collect_fetch()
-        super()._fetch_all()  # type: ignore[misc]
+        super()._fetch_all()
 
     def _clone(self) -> AsyncQuerySetMixin[_T]:
         clone = super()._clone()  # type: ignore[misc]
         clone._background = self._background
-        return clone  # type: ignore[no-any-return]
+        return clone
 
     def __getitem__(self, k: Any) -> Any:
         if self._fetch_job is not None and self._result_cache is None:
@@ -188,14 +188,14 @@ class AsyncQuerySetMixin(QuerySet[_T]):
     def __deepcopy__(self, memo: dict[int, Any]) -> AsyncQuerySetMixin[_T]:
         job, self._fetch_job = self._fetch_job, None
         try:
-            return super().__deepcopy__(memo)  # type: ignore[misc,no-any-return]
+            return super().__deepcopy__(memo)
         finally:
             self._fetch_job = job
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
+        state = super().__getstate__()
         state.pop("_fetch_job", None)
-        return state  # type: ignore[no-any-return]
+        return state
 
     # -- Terminals: lazy results in background mode ------------------------------
 
@@ -214,7 +214,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         """
         method: Callable[..., Any] = getattr(QuerySet, name)
         writes = getattr(method, "alters_data", False)
-        qs = self._chain()
+        qs = self._chain()  # type: ignore[attr-defined]
         qs._background = False
         qs._result_cache = self._result_cache
         qs._prefetch_done = self._prefetch_done
@@ -244,7 +244,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         return lazy_result(job, resultclass)
 
     def _derived(self, transform: Callable[[list[Any]], Any], name: str) -> Any:
-        """A lazy result computed from this queryset's started fetch (Django's cache rule)."""
+        """A lazy result computed from this queryset's started fetch."""
         assert self._fetch_job is not None
         return self._fetch_job.derive(transform, self._describe(name))
 
@@ -252,60 +252,60 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         if not self._background:
             return super().count()
         if self._fetch_job is not None and self._result_cache is None:
-            return lazy_result(self._derived(len, "count"), int)  # type: ignore[no-any-return]
-        return self._background_call("count", int)  # type: ignore[no-any-return]
+            return lazy_result(self._derived(len, "count"), int)
+        return self._background_call("count", int)
 
     def exists(self) -> bool:
         if not self._background:
             return super().exists()
         if self._fetch_job is not None and self._result_cache is None:
-            return lazy_result(self._derived(bool, "exists"), bool)  # type: ignore[no-any-return]
-        return self._background_call("exists", bool)  # type: ignore[no-any-return]
+            return lazy_result(self._derived(bool, "exists"), bool)
+        return self._background_call("exists", bool)
 
     def contains(self, obj: Any) -> bool:
         if not self._background:
             return super().contains(obj)
-        return self._background_call("contains", bool, obj)  # type: ignore[no-any-return]
+        return self._background_call("contains", bool, obj)
 
     def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if not self._background:
             return super().aggregate(*args, **kwargs)
-        return self._background_call("aggregate", dict, *args, **kwargs)  # type: ignore[no-any-return]
+        return self._background_call("aggregate", dict, *args, **kwargs)
 
     def in_bulk(self, id_list: Any = None, *, field_name: str = "pk") -> dict[Any, _T]:
         if not self._background:
             return super().in_bulk(id_list, field_name=field_name)
-        return self._background_call("in_bulk", dict, id_list, field_name=field_name)  # type: ignore[no-any-return]
+        return self._background_call("in_bulk", dict, id_list, field_name=field_name)
 
     def get(self, *args: Any, **kwargs: Any) -> _T:
         if not self._background:
             return super().get(*args, **kwargs)
-        return self._background_call("get", None, *args, **kwargs)  # type: ignore[no-any-return]
+        return self._background_call("get", None, *args, **kwargs)
 
     def first(self) -> _T | None:
         if not self._background:
             return super().first()
-        return self._background_call("first", None)  # type: ignore[no-any-return]
+        return self._background_call("first", None)
 
     def last(self) -> _T | None:
         if not self._background:
             return super().last()
-        return self._background_call("last", None)  # type: ignore[no-any-return]
+        return self._background_call("last", None)
 
     def earliest(self, *fields: Any) -> _T:
         if not self._background:
             return super().earliest(*fields)
-        return self._background_call("earliest", None, *fields)  # type: ignore[no-any-return]
+        return self._background_call("earliest", None, *fields)
 
     def latest(self, *fields: Any) -> _T:
         if not self._background:
             return super().latest(*fields)
-        return self._background_call("latest", None, *fields)  # type: ignore[no-any-return]
+        return self._background_call("latest", None, *fields)
 
     def explain(self, *, format: Any = None, **options: Any) -> str:
         if not self._background:
             return super().explain(format=format, **options)
-        return self._background_call("explain", str, format=format, **options)  # type: ignore[no-any-return]
+        return self._background_call("explain", str, format=format, **options)
 
     def create(self, **kwargs: Any) -> _T:
         if not self._background:
@@ -328,64 +328,48 @@ class AsyncQuerySetMixin(QuerySet[_T]):
             writes=True,
             description=self._describe("create"),
         )
-        return lazy_result(job, None)  # type: ignore[no-any-return]
+        return lazy_result(job, None)
 
-    create.alters_data = True  # type: ignore[attr-defined]
-
-    def get_or_create(
-        self, defaults: Any = None, **kwargs: Any
-    ) -> tuple[_T, bool]:
+    def get_or_create(self, defaults: Any = None, **kwargs: Any) -> tuple[_T, bool]:
         if not self._background:
             return super().get_or_create(defaults, **kwargs)
-        return self._background_call("get_or_create", tuple, defaults, **kwargs)  # type: ignore[no-any-return]
-
-    get_or_create.alters_data = True  # type: ignore[attr-defined]
+        return self._background_call("get_or_create", tuple, defaults, **kwargs)
 
     def update_or_create(
         self, defaults: Any = None, create_defaults: Any = None, **kwargs: Any
     ) -> tuple[_T, bool]:
         if not self._background:
             return super().update_or_create(defaults, create_defaults, **kwargs)
-        return self._background_call(  # type: ignore[no-any-return]
+        return self._background_call(
             "update_or_create", tuple, defaults, create_defaults, **kwargs
         )
-
-    update_or_create.alters_data = True  # type: ignore[attr-defined]
 
     def bulk_create(self, objs: Any, *args: Any, **kwargs: Any) -> list[_T]:
         if not self._background:
             return super().bulk_create(objs, *args, **kwargs)
-        return self._background_call("bulk_create", list, list(objs), *args, **kwargs)  # type: ignore[no-any-return]
-
-    bulk_create.alters_data = True  # type: ignore[attr-defined]
+        return self._background_call("bulk_create", list, list(objs), *args, **kwargs)
 
     def bulk_update(self, objs: Any, fields: Any, batch_size: int | None = None) -> int:
         if not self._background:
             return super().bulk_update(objs, fields, batch_size)
-        return self._background_call(  # type: ignore[no-any-return]
-            "bulk_update", int, list(objs), fields, batch_size
-        )
-
-    bulk_update.alters_data = True  # type: ignore[attr-defined]
+        return self._background_call("bulk_update", int, list(objs), fields, batch_size)
 
     def update(self, **kwargs: Any) -> int:
         if not self._background:
             return super().update(**kwargs)
-        return self._background_call("update", int, **kwargs)  # type: ignore[no-any-return]
-
-    update.alters_data = True  # type: ignore[attr-defined]
+        return self._background_call("update", int, **kwargs)
 
     def delete(self) -> tuple[int, dict[str, int]]:
         if not self._background:
             return super().delete()
-        return self._background_call("delete", tuple)  # type: ignore[no-any-return]
+        return self._background_call("delete", tuple)
 
-    delete.alters_data = True  # type: ignore[attr-defined]
+    # Keep Model.objects.delete() impossible, as in Django.
     delete.queryset_only = True  # type: ignore[attr-defined]
 
     def raw(
         self,
-        raw_query: str,
+        raw_query: Any,
         params: Any = (),
         translations: dict[str, str] | None = None,
         using: str | None = None,
@@ -414,7 +398,7 @@ class AsyncQuerySet(AsyncQuerySetMixin[_T]):
 
 
 class AsyncRawQuerySet(RawQuerySet):
-    """The RawQuerySet of an AsyncQuerySet: says clearly that it has no background mode."""
+    """The RawQuerySet of an AsyncQuerySet: says clearly it has no background mode."""
 
     def run_async(self) -> None:
         raise AsynchrormousError(

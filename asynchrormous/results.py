@@ -49,7 +49,7 @@ def _timeout(timeout: float | None) -> float | None:
 
 
 class Job:
-    """One background evaluation: its Future, what it is, and whether anyone saw the outcome."""
+    """One background evaluation: its Future, its name, whether its outcome was seen."""
 
     __slots__ = ("__weakref__", "description", "future", "observed", "transform")
 
@@ -65,14 +65,14 @@ class Job:
         self.observed = False
 
     def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
-        """A job whose value is ``transform`` of this one's (``count()`` of a started fetch)."""
+        """A job whose value is ``transform(this job's value)``: count() of a fetch."""
         return Job(self.future, description, transform)
 
     def done(self) -> bool:
         return self.future.done()
 
     def result(self, timeout: float | None = DEFAULT) -> Any:
-        """The value, raising the worker's exception with its original type and traceback.
+        """The value; raises the worker's exception with its type and traceback.
 
         Raises:
             ResultTimeout: not ready within ``timeout`` (default: the TIMEOUT setting).
@@ -82,7 +82,8 @@ class Job:
         try:
             exc = self.future.exception(timeout)
         except concurrent.futures.CancelledError:
-            raise Cancelled(f"{self.description} was cancelled before it ran.") from None
+            message = f"{self.description} was cancelled before it ran."
+            raise Cancelled(message) from None
         except concurrent.futures.TimeoutError:
             raise ResultTimeout(
                 f"{self.description} was not ready after {timeout:.2f} s; raise "
@@ -129,16 +130,15 @@ _caller = threading.local()
 
 def _pending_writes(alias: str) -> list[concurrent.futures.Future[Any]]:
     """This caller's background writes on ``alias`` that may still be running."""
-    writes: dict[str, list[concurrent.futures.Future[Any]]] = _caller.__dict__.setdefault(
-        "writes", {}
-    )
+    writes: dict[str, list[concurrent.futures.Future[Any]]]
+    writes = _caller.__dict__.setdefault("writes", {})
     pending = writes.setdefault(alias, [])
     pending[:] = [f for f in pending if not f.done()]
     return pending
 
 
 class _WriteBarrier:
-    """Execute wrapper on the caller's connection: its pending writes finish before its SQL.
+    """Execute wrapper on the caller's connection: pending writes finish first.
 
     Installed while the caller has background writes in flight, so a plain query it
     makes afterwards reads its own writes without calling ``resolve()``.
@@ -148,7 +148,12 @@ class _WriteBarrier:
         self.alias = alias
 
     def __call__(
-        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+        self,
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: Any,
     ) -> Any:
         self.drain()
         return execute(sql, params, many, context)
@@ -156,7 +161,8 @@ class _WriteBarrier:
     def drain(self) -> None:
         pending = _pending_writes(self.alias)
         if pending:
-            _wait_all(pending, DEFAULT, f"the pending background writes on {self.alias!r}")
+            what = f"the pending background writes on {self.alias!r}"
+            _wait_all(pending, DEFAULT, what)
         wrappers = connections[self.alias].execute_wrappers
         if self in wrappers:
             wrappers.remove(self)
@@ -199,7 +205,7 @@ def submit(
     writes: bool,
     description: str,
 ) -> Job:
-    """Run ``fn(*args)`` in the background on behalf of the caller, for database ``alias``.
+    """Run ``fn(*args)`` in the background for the caller, on database ``alias``.
 
     A caller's later work on ``alias`` waits for its earlier writes (``writes=True``).
     """
@@ -256,7 +262,7 @@ class LazyObjectResult(SimpleLazyObject):
 
 
 def lazy_result(job: Job, resultclass: type | None) -> Any:
-    """The lazy stand-in for ``job``'s value: a ``lazy()`` proxy of a builtin type, else an object proxy."""
+    """``job``'s value as a ``lazy()`` proxy of a builtin type, or an object proxy."""
     if resultclass is None:
         return LazyObjectResult(job)
     proxy = _LAZY_TYPES[resultclass](job)
@@ -284,11 +290,11 @@ def _job_of(value: Any) -> Job | None:
     # value.__class__, which evaluates an object proxy.
     kind = type(value)
     if issubclass(kind, LazyObjectResult):
-        return value.__dict__["_job"]  # type: ignore[no-any-return]
+        return value.__dict__["_job"]
     if issubclass(kind, Promise):
         return vars(value).get("_job")
     if _is_background_queryset(value):
-        return value._background_job()  # type: ignore[no-any-return]
+        return value._background_job()
     return None
 
 
@@ -304,7 +310,7 @@ def resolve(value: T, timeout: float | None = DEFAULT) -> T:
         value._resolve_background(_timeout(timeout))  # type: ignore[attr-defined]
         return value
     job = _job_of(value)
-    return value if job is None else job.result(timeout)  # type: ignore[no-any-return]
+    return value if job is None else job.result(timeout)
 
 
 def _wait_all(

@@ -1,4 +1,4 @@
-"""Instrumentation: ``job_finished`` reports each background job's timing, thread and SQL.
+"""Instrumentation: ``job_finished`` reports each job's timing, thread and SQL.
 
 Connect a receiver to draw timelines or log slow jobs; with no receivers connected
 jobs are not instrumented at all.

@@ -37,8 +37,11 @@ def books(db):
     pub = Publisher.objects.create(name="Pub")
     created = [
         Book.objects.create(
-            title=f"Book {i}", author=a1 if i % 2 else a2, publisher=pub,
-            pages=100 + i * 10, year=1990 + i,
+            title=f"Book {i}",
+            author=a1 if i % 2 else a2,
+            publisher=pub,
+            pages=100 + i * 10,
+            year=1990 + i,
             published=datetime.date(1990 + i // 2, 1 + i, 1),
         )
         for i in range(6)

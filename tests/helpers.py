@@ -7,7 +7,7 @@ from tests.testapp.apps import BACKEND_ID_SQL, BACKEND_THREADS, SLEEP_SQL
 
 
 def backend_id_expr():
-    """An annotation whose value is the id of the database session that ran the query."""
+    """An annotation: the id of the database session that ran the query."""
     return RawSQL(BACKEND_ID_SQL[connection.vendor], [])
 
 

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = Path(os.environ.get("ASYNCHRORMOUS_TEST_OUTPUT", BASE_DIR / "test-output"))
@@ -11,6 +12,7 @@ DB = os.environ.get("ASYNCHRORMOUS_TEST_DB", "sqlite")
 # Parallel tox environments share the servers: give each its own test database.
 SUFFIX = os.environ.get("TOX_ENV_NAME", "local").replace("-", "_").replace(".", "_")
 
+DATABASES: dict[str, dict[str, Any]]
 if DB == "sqlite":
     DATABASES = {
         "default": {
@@ -48,7 +50,9 @@ elif DB == "mariadb":
         }
     }
 else:
-    raise RuntimeError(f"ASYNCHRORMOUS_TEST_DB must be sqlite, postgres or mariadb, not {DB!r}")
+    raise RuntimeError(
+        f"ASYNCHRORMOUS_TEST_DB must be sqlite, postgres or mariadb, not {DB!r}"
+    )
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",

@@ -10,7 +10,7 @@ from django.test.utils import CaptureQueriesContext
 
 from asynchrormous import AsynchrormousError, is_ready, resolve
 from tests.helpers import backend_id_expr, caller_backend_id, thread_of
-from tests.testapp.models import Author, Book, Tag
+from tests.testapp.models import Book, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,7 +108,12 @@ def test_values_values_list_dates_none_union_keep_working(books, jobs):
     base = Book.objects.run_async()
     assert sorted(r["title"] for r in base.values("title"))[0] == "Book 0"
     assert sorted(base.values_list("pages", flat=True)) == [
-        100, 110, 120, 130, 140, 150,
+        100,
+        110,
+        120,
+        130,
+        140,
+        150,
     ]
     assert list(base.none()) == []
     union = base.filter(pages=100).union(base.filter(pages=150)).order_by("pages")

@@ -29,7 +29,8 @@ SLEEP = 0.3
 def where(qs=None):
     """The database session that ran a background fetch of ``qs``."""
     qs = Book.objects.all() if qs is None else qs
-    return list(qs.annotate(where=backend_id_expr()).run_async()[:1])[0].where
+    (row,) = qs.annotate(where=backend_id_expr()).run_async()[:1]
+    return row.where
 
 
 def server_sessions():
@@ -46,7 +47,7 @@ def server_sessions():
 
 
 def eventually(predicate, timeout=10.0):
-    """Poll a server-side state that changes asynchronously (a closed session), bounded."""
+    """Poll, bounded, a server-side state that changes on its own (a closed session)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -125,7 +126,7 @@ def test_sessions_stay_within_workers_and_go_back_to_baseline_on_shutdown(
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=submitter, args=(books[i % 6],)) for i in range(8)]
+    threads = [threading.Thread(target=submitter, args=(b,)) for b in books + books[:2]]
     for thread in threads:
         thread.start()
     submitted.wait()
@@ -186,7 +187,7 @@ def test_nested_background_work_in_a_worker_runs_inline_and_cannot_deadlock(
         Prefetch("books", queryset=Book.objects.run_async())
     ).run_async()
     assert sorted(len(a.books.all()) for a in authors) == [3, 3]
-    outer = next(job for job in jobs if job["description"] == "fetch of Author queryset")
+    (outer,) = [job for job in jobs if job["description"] == "fetch of Author queryset"]
     assert outer["thread"] == "asynchrormous-0" and not outer["inline"]
 
 

@@ -8,13 +8,16 @@ class Publisher(models.Model):
 
     objects = AsyncManager()
 
+    def __str__(self) -> str:
+        return self.name
+
 
 class Author(models.Model):
     name = models.CharField(max_length=100)
 
     objects = AsyncManager()
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.name
 
 
@@ -24,7 +27,6 @@ class Book(models.Model):
     publisher = models.ForeignKey(Publisher, models.SET_NULL, null=True)
     pages = models.IntegerField(default=100)
     year = models.IntegerField(default=2000)
-    isbn = models.CharField(max_length=20, unique=True, null=True)
     published = models.DateField(null=True)
 
     objects = AsyncManager()
@@ -32,7 +34,7 @@ class Book(models.Model):
     class Meta:
         get_latest_by = "year"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.title
 
 
@@ -41,3 +43,6 @@ class Tag(models.Model):
     books = models.ManyToManyField(Book, related_name="tags")
 
     objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.name
