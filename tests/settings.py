@@ -13,7 +13,7 @@ DB = os.environ.get("ASYNCHRORMOUS_TEST_DB", "sqlite")
 SUFFIX = os.environ.get("TOX_ENV_NAME", "local").replace("-", "_").replace(".", "_")
 
 DATABASES: dict[str, dict[str, Any]]
-if DB == "sqlite":
+if DB in ("sqlite", "sqlite-memory"):
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
@@ -26,6 +26,9 @@ if DB == "sqlite":
             "TEST": {"NAME": str(OUTPUT_DIR / f"test_{SUFFIX}.sqlite3")},
         }
     }
+    if DB == "sqlite-memory":
+        # Django's own default: an in-memory, shared-cache test database.
+        del DATABASES["default"]["TEST"]
 elif DB == "postgres":
     DATABASES = {
         "default": {
@@ -51,7 +54,8 @@ elif DB == "mariadb":
     }
 else:
     raise RuntimeError(
-        f"ASYNCHRORMOUS_TEST_DB must be sqlite, postgres or mariadb, not {DB!r}"
+        "ASYNCHRORMOUS_TEST_DB must be sqlite, sqlite-memory, postgres or mariadb, "
+        f"not {DB!r}"
     )
 
 INSTALLED_APPS = [

@@ -213,3 +213,40 @@ def test_cancel_a_queued_job(books, settings):
 def test_plain_values_pass_through_helpers():
     assert resolve(5) == 5 and is_ready(5) and not cancel(5)
     wait(1, "x")
+
+
+def test_bulk_writes_update_or_create_and_explain(books):
+    qs = Book.objects.run_async()
+    author = books[0].author
+    made = qs.bulk_create([Book(title=f"Bulk {i}", author=author) for i in range(3)])
+    assert len(made) == 3 and all(isinstance(b, Book) for b in made)
+    bulk = list(Book.objects.filter(title__startswith="Bulk"))
+    for book in bulk:
+        book.pages = 7
+    assert qs.bulk_update(bulk, ["pages"]) == 3
+    obj, created = qs.update_or_create(title="Bulk 0", defaults={"year": 1234})
+    assert not created and obj.year == 1234
+    assert "testapp_book" in qs.filter(pages=7).explain().lower()
+    assert Book.objects.filter(pages=7, year=1234).count() == 1
+
+
+def test_a_custom_queryset_with_the_mixin_gets_background_mode(books, jobs):
+    from django.db import models
+
+    from asynchrormous import AsyncQuerySetMixin
+
+    class BookQuerySet(AsyncQuerySetMixin, models.QuerySet):
+        def long(self):
+            return self.filter(pages__gte=130)
+
+    manager = BookQuerySet.as_manager()
+    manager.model = Book
+    qs = manager.long().run_async()
+    n = qs.count()
+    assert n == 3 and len(qs) == 3
+    assert {job["thread"].split("-")[0] for job in jobs} == {"asynchrormous"}
+
+
+def test_using_picks_the_database_on_the_callers_thread(books, jobs):
+    assert Book.objects.using("default").run_async().count() == 6
+    assert jobs[0]["alias"] == "default"
