@@ -3,6 +3,7 @@
 PYTHON ?= python3.11
 TOOLS := .venv-tools
 TOX := $(TOOLS)/bin/tox
+# Two cores: two envs at a time took 33-47 s against 50-68 s one at a time.
 TOX_PARALLEL ?= 2
 
 # pyenv's shims only run the globally selected version, so tox would not find 3.12/3.13.
