@@ -8,15 +8,16 @@ where a result is used. Without it, the queryset is exactly Django's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
-from django.core.exceptions import EmptyResultSet
+from django.core.exceptions import EmptyResultSet, SynchronousOnlyOperation
 from django.db import connections
 from django.db.models import Manager, Model, QuerySet
 from django.db.models.query import RawQuerySet
 from django.db.models.sql.compiler import SQLCompiler
 
+from . import aio
 from .exceptions import AsynchrormousError
 from .pool import read_with_reconnect
 from .results import DEFAULT, Job, lazy_result, submit
@@ -121,8 +122,9 @@ class AsyncQuerySetMixin(QuerySet[_T]):
 
     def _submit_fetch(self) -> None:
         db = self.db
-        # Compile on the caller: a bad query raises here, not where it is used.
-        with contextlib.suppress(EmptyResultSet):
+        # Compile on the caller: a bad query raises here, not where it is used. From
+        # async code, a compilation needing the server's version is left to the worker.
+        with contextlib.suppress(EmptyResultSet, SynchronousOnlyOperation):
             self.query.get_compiler(using=db).as_sql()
         worker_qs = self._clone()
         worker_qs._background = False
@@ -223,7 +225,9 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         try:
             with _dry_run(db):
                 value = getattr(qs, name)(*args, **kwargs)
-        except _Deferred:
+        except (_Deferred, SynchronousOnlyOperation):
+            # SynchronousOnlyOperation: called from async code, Django wanted the
+            # server's version first; the worker will do those checks.
             pass
         else:
             return value
@@ -367,6 +371,142 @@ class AsyncQuerySetMixin(QuerySet[_T]):
     # Keep Model.objects.delete() impossible, as in Django.
     delete.queryset_only = True  # type: ignore[attr-defined]
 
+    # -- asyncio: the same queryset, awaited on the pool ---------------------------
+
+    def __await__(self) -> Generator[Any, None, list[_T]]:
+        """``await qs``: the list of results, from a worker (or the started fetch)."""
+        return self._afetch().__await__()
+
+    async def _afetch(self) -> list[_T]:
+        if self._result_cache is None:
+            if self._fetch_job is None:
+                if await aio.on_callers_sync_thread(self.db):
+                    await aio.sync_to_async(self._fetch_all, thread_sensitive=True)()
+                    return self._result_cache  # type: ignore[return-value]
+                self._submit_fetch()
+            job = self._fetch_job
+            assert job is not None
+            try:
+                self._result_cache = await aio.await_job(job)
+            finally:
+                self._fetch_job = None  # as in Django, a failed fetch is retried
+            self._prefetch_done = True
+        return self._result_cache
+
+    def __aiter__(self) -> AsyncIterator[_T]:
+        async def rows() -> AsyncIterator[_T]:
+            for row in await self:
+                yield row
+
+        return rows()
+
+    async def _arun(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Django's ``name`` on a worker, awaited: the body of every ``a*`` method."""
+        writes = getattr(getattr(QuerySet, name), "alters_data", False)
+        qs = self._chain()  # type: ignore[attr-defined]
+        qs._background = False
+        qs._result_cache = self._result_cache
+        qs._prefetch_done = self._prefetch_done
+        qs._for_write = qs._for_write or writes
+        db = qs._db = qs.db
+        result = await aio.run(
+            _call if writes else _read,
+            qs,
+            name,
+            args,
+            kwargs,
+            alias=db,
+            writes=writes,
+            description=self._describe("a" + name),
+        )
+        if writes:
+            self._result_cache = None  # as Django's update() and delete() do
+        return result
+
+    async def acount(self) -> int:
+        return await self._arun("count")
+
+    async def aexists(self) -> bool:
+        return await self._arun("exists")
+
+    async def acontains(self, obj: Any) -> bool:
+        return await self._arun("contains", obj)
+
+    async def aaggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return await self._arun("aggregate", *args, **kwargs)
+
+    async def ain_bulk(
+        self, id_list: Any = None, *, field_name: str = "pk"
+    ) -> dict[Any, _T]:
+        return await self._arun("in_bulk", id_list, field_name=field_name)
+
+    async def aget(self, *args: Any, **kwargs: Any) -> _T:
+        return await self._arun("get", *args, **kwargs)
+
+    async def afirst(self) -> _T | None:
+        return await self._arun("first")
+
+    async def alast(self) -> _T | None:
+        return await self._arun("last")
+
+    async def aearliest(self, *fields: Any) -> _T:
+        return await self._arun("earliest", *fields)
+
+    async def alatest(self, *fields: Any) -> _T:
+        return await self._arun("latest", *fields)
+
+    async def aexplain(self, *, format: Any = None, **options: Any) -> str:
+        return await self._arun("explain", format=format, **options)
+
+    async def acreate(self, **kwargs: Any) -> _T:
+        return await self._arun("create", **kwargs)
+
+    async def aget_or_create(
+        self, defaults: Any = None, **kwargs: Any
+    ) -> tuple[_T, bool]:
+        return await self._arun("get_or_create", defaults, **kwargs)
+
+    async def aupdate_or_create(
+        self, defaults: Any = None, create_defaults: Any = None, **kwargs: Any
+    ) -> tuple[_T, bool]:
+        return await self._arun("update_or_create", defaults, create_defaults, **kwargs)
+
+    async def abulk_create(self, objs: Any, *args: Any, **kwargs: Any) -> list[_T]:
+        return await self._arun("bulk_create", list(objs), *args, **kwargs)
+
+    async def abulk_update(
+        self, objs: Any, fields: Any, batch_size: int | None = None
+    ) -> int:
+        return await self._arun("bulk_update", list(objs), fields, batch_size)
+
+    async def aupdate(self, **kwargs: Any) -> int:
+        return await self._arun("update", **kwargs)
+
+    async def adelete(self) -> tuple[int, dict[str, int]]:
+        return await self._arun("delete")
+
+    adelete.queryset_only = True  # type: ignore[attr-defined]
+
+    async def aiterator(self, chunk_size: int = 2000) -> AsyncIterator[_T]:
+        """Stream from a worker, a chunk ahead; honours DISABLE_SERVER_SIDE_CURSORS."""
+        if chunk_size <= 0:
+            raise ValueError("Chunk size must be strictly positive.")
+        db = self.db
+        if await aio.on_callers_sync_thread(db):
+            async for row in super().aiterator(chunk_size):
+                yield row
+            return
+        qs = self._chain()  # type: ignore[attr-defined]
+        qs._background = False
+        qs._db = db
+        async for row in aio.stream(
+            lambda: qs.iterator(chunk_size),
+            chunk_size,
+            alias=db,
+            description=self._describe("aiterator"),
+        ):
+            yield row
+
     def raw(
         self,
         raw_query: Any,
@@ -397,8 +537,34 @@ class AsyncQuerySet(AsyncQuerySetMixin[_T]):
     """Django's QuerySet with ``run_async()`` and ``start()``."""
 
 
+def _fetch_raw(queryset: RawQuerySet) -> list[Any]:
+    return list(queryset)
+
+
 class AsyncRawQuerySet(RawQuerySet):
-    """The RawQuerySet of an AsyncQuerySet: says clearly it has no background mode."""
+    """An AsyncQuerySet's RawQuerySet: awaitable on the pool, no background mode."""
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        return self._afetch().__await__()
+
+    async def _afetch(self) -> list[Any]:
+        if self._result_cache is None:  # type: ignore[has-type]
+            self._result_cache = await aio.run(
+                _fetch_raw,
+                self._clone(),  # type: ignore[attr-defined]
+                alias=self.db,
+                writes=False,
+                description=f"raw query {self.raw_query!r}",
+            )
+            self._prefetch_done = True
+        return self._result_cache
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        async def rows() -> AsyncIterator[Any]:
+            for row in await self:
+                yield row
+
+        return rows()
 
     def run_async(self) -> None:
         raise AsynchrormousError(

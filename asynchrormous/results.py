@@ -8,9 +8,11 @@ inside a transaction on the job's database (read-your-writes) or is itself a wor
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -25,7 +27,9 @@ from .signals import instrumented, job_finished
 __all__ = [
     "Job",
     "LazyObjectResult",
+    "await_job",
     "cancel",
+    "cancel_statement",
     "is_ready",
     "lazy_result",
     "resolve",
@@ -51,22 +55,31 @@ def _timeout(timeout: float | None) -> float | None:
 class Job:
     """One background evaluation: its Future, its name, whether its outcome was seen."""
 
-    __slots__ = ("__weakref__", "description", "future", "observed", "transform")
+    __slots__ = (
+        "__weakref__",
+        "description",
+        "future",
+        "observed",
+        "running",
+        "transform",
+    )
 
     def __init__(
         self,
         future: concurrent.futures.Future[Any],
         description: str,
         transform: Callable[[Any], Any] | None = None,
+        running: Running | None = None,
     ) -> None:
         self.future = future
         self.description = description
         self.transform = transform
+        self.running = running
         self.observed = False
 
     def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
         """A job whose value is ``transform(this job's value)``: count() of a fetch."""
-        return Job(self.future, description, transform)
+        return Job(self.future, description, transform, self.running)
 
     def done(self) -> bool:
         return self.future.done()
@@ -125,14 +138,53 @@ def _finished_job(value: Any, description: str) -> Job:
 
 # -- Submission -----------------------------------------------------------------
 
-_caller = threading.local()
+
+class Running:
+    """Where a job runs: the worker's connection, to cancel its statement."""
+
+    __slots__ = ("alias", "connection")
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.connection: Any = None
+
+    def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            self.connection = connections[self.alias]
+            try:
+                return fn(*args)
+            finally:
+                self.connection = None
+
+        return run
+
+
+_thread_writes = threading.local()
+_task_writes: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+_task_writes_lock = threading.Lock()
+
+
+def _caller_writes() -> dict[str, list[concurrent.futures.Future[Any]]]:
+    """The calling thread's, or asyncio task's, own background writes by alias.
+
+    Per task, not per event-loop thread: concurrent tasks never wait on each other.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    if task is None:
+        writes: dict[str, list[Any]] = _thread_writes.__dict__.setdefault("writes", {})
+        return writes
+    with _task_writes_lock:
+        return _task_writes.setdefault(task, {})
 
 
 def _pending_writes(alias: str) -> list[concurrent.futures.Future[Any]]:
     """This caller's background writes on ``alias`` that may still be running."""
-    writes: dict[str, list[concurrent.futures.Future[Any]]]
-    writes = _caller.__dict__.setdefault("writes", {})
-    pending = writes.setdefault(alias, [])
+    pending = _caller_writes().setdefault(alias, [])
     pending[:] = [f for f in pending if not f.done()]
     return pending
 
@@ -221,6 +273,8 @@ def submit(
         except BaseException as exc:
             future.set_exception(exc)
         return Job(future, description)
+    running = Running(alias)
+    fn = running.track(fn)
     pending = _pending_writes(alias)
     if pending:
         future = get_pool().submit(
@@ -230,7 +284,65 @@ def submit(
         future = get_pool().submit(fn, *args)
     if writes:
         _track_write(alias, future)
-    return Job(future, description)
+    return Job(future, description, running=running)
+
+
+# -- Awaiting from asyncio -------------------------------------------------------
+
+
+async def await_job(job: Job) -> Any:
+    """The job's value; cancelling the awaiting task cancels the job.
+
+    A queued job is dropped; a running statement is cancelled on the database, and
+    the worker's connection stays usable (or is replaced before its next job).
+    """
+    try:
+        await asyncio.wrap_future(job.future)
+    except asyncio.CancelledError:
+        job.observed = True  # abandoned on purpose: nothing to report
+        if not job.future.cancel() and job.running is not None:
+            cancel_statement(job.running)
+        raise
+    except BaseException:
+        pass  # job.result() raises it, with the worker's traceback
+    return job.result(0)
+
+
+def cancel_statement(running: Running) -> None:
+    """Ask the database, from another thread, to stop a worker's running statement."""
+    wrapper = running.connection
+    raw = getattr(wrapper, "connection", None)
+    if raw is None:
+        return
+    if wrapper.vendor == "postgresql":
+        # psycopg's cancel is thread-safe; cancel_safe() is its non-blocking form.
+        cancel = getattr(raw, "cancel_safe", raw.cancel)
+        threading.Thread(target=cancel, daemon=True).start()
+    elif wrapper.vendor == "sqlite":
+        raw.interrupt()  # thread-safe by sqlite3's documentation
+    elif wrapper.vendor == "mysql":
+        threading.Thread(
+            target=_kill_mysql_query,
+            args=(wrapper.get_connection_params(), raw.thread_id()),
+            daemon=True,
+        ).start()
+
+
+def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
+    # MySQL has no in-band cancel: KILL QUERY from a second connection.
+    import MySQLdb
+
+    try:
+        conn = MySQLdb.connect(**params)
+    except MySQLdb.Error:
+        logger.warning("could not connect to cancel MySQL query %s", thread_id)
+        return
+    try:
+        conn.cursor().execute(f"KILL QUERY {int(thread_id)}")
+    except MySQLdb.Error:
+        pass  # the statement already ended
+    finally:
+        conn.close()
 
 
 # -- Lazy results ---------------------------------------------------------------
@@ -240,9 +352,21 @@ def _value(job: Job) -> Any:
     return job.result()
 
 
+def _await_proxy(proxy: Any) -> Any:
+    return await_job(_job_of(proxy)).__await__()  # type: ignore[arg-type]
+
+
+def _awaitable_lazy(resultclass: type) -> Callable[[Job], Any]:
+    """``lazy(_value, resultclass)``, whose proxies can also be awaited."""
+    make = lazy(_value, resultclass)
+    # lazy() made this proxy class for us alone, so it may gain __await__.
+    type(make(None)).__await__ = _await_proxy  # type: ignore[arg-type]
+    return make
+
+
 # Built once per type: lazy() makes a new proxy class on every call.
 _LAZY_TYPES: dict[type, Callable[[Job], Any]] = {
-    cls: lazy(_value, cls) for cls in (int, bool, dict, tuple, list, str)
+    cls: _awaitable_lazy(cls) for cls in (int, bool, dict, tuple, list, str)
 }
 
 
@@ -255,6 +379,9 @@ class LazyObjectResult(SimpleLazyObject):
     def __init__(self, job: Job) -> None:
         self.__dict__["_job"] = job
         super().__init__(job.result)
+
+    def __await__(self) -> Any:
+        return await_job(self.__dict__["_job"]).__await__()
 
     def __repr__(self) -> str:
         # Never blocks, as Django's SimpleLazyObject.__repr__ never evaluates.
