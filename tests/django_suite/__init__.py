@@ -1,0 +1,1 @@
+"""Run Django's own test suite against asynchrormous (see run.py)."""
