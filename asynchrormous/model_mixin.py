@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 from django.db import router
@@ -26,7 +27,13 @@ class AsyncModelMixin:
         return route(type(self), instance=self)  # type: ignore[arg-type]
 
     async def _arun(
-        self, method: str, using: str | None, for_write: bool, *args: Any, **kwargs: Any
+        self,
+        method: str,
+        using: str | None,
+        for_write: bool,
+        /,
+        *args: Any,
+        **kwargs: Any,
     ) -> Any:
         if using is not None:
             kwargs["using"] = using
@@ -50,6 +57,11 @@ class AsyncModelMixin:
     adelete.alters_data = True  # type: ignore[attr-defined]
 
     async def arefresh_from_db(
-        self, using: str | None = None, fields: Any = None, **kwargs: Any
+        self,
+        using: str | None = None,
+        fields: Iterable[str] | None = None,
+        from_queryset: Any = None,
     ) -> None:
-        await self._arun("refresh_from_db", using, False, fields=fields, **kwargs)
+        await self._arun(
+            "refresh_from_db", using, False, fields=fields, from_queryset=from_queryset
+        )

@@ -205,6 +205,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         self,
         name: str,
         resultclass: type | None,
+        /,
         *args: Any,
         **kwargs: Any,
     ) -> Any:
@@ -400,7 +401,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
 
         return rows()
 
-    async def _arun(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    async def _arun(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Django's ``name`` on a worker, awaited: the body of every ``a*`` method."""
         writes = getattr(getattr(QuerySet, name), "alters_data", False)
         qs = self._chain()  # type: ignore[attr-defined]

@@ -29,7 +29,6 @@ __all__ = [
     "LazyObjectResult",
     "await_job",
     "cancel",
-    "cancel_statement",
     "is_ready",
     "lazy_result",
     "resolve",
@@ -140,23 +139,69 @@ def _finished_job(value: Any, description: str) -> Job:
 
 
 class Running:
-    """Where a job runs: the worker's connection, to cancel its statement."""
+    """Where a job runs: the worker's connection, so its statement can be cancelled."""
 
-    __slots__ = ("alias", "connection")
+    __slots__ = ("alias", "connection", "mysql_thread_id")
 
     def __init__(self, alias: str) -> None:
         self.alias = alias
         self.connection: Any = None
+        self.mysql_thread_id: int | None = None
 
     def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
-            self.connection = connections[self.alias]
+            wrapper = connections[self.alias]
+            if wrapper.vendor == "mysql":
+                # mysqlclient refuses thread_id() while another thread uses the
+                # connection, so learn the session id before the statement starts.
+                wrapper.ensure_connection()
+                self.mysql_thread_id = wrapper.connection.thread_id()
+            self.connection = wrapper
             try:
                 return fn(*args)
             finally:
                 self.connection = None
 
         return run
+
+    def cancel(self) -> None:
+        """Ask the database, from another thread, to stop the running statement.
+
+        Not daemon threads: a cancel lost at interpreter exit would leave the
+        statement running on the server.
+        """
+        wrapper = self.connection
+        raw = getattr(wrapper, "connection", None)
+        if raw is None:
+            return
+        if wrapper.vendor == "postgresql":
+            # psycopg's cancel is thread-safe; cancel_safe() is its non-blocking form.
+            cancel = getattr(raw, "cancel_safe", raw.cancel)
+            threading.Thread(target=cancel).start()
+        elif wrapper.vendor == "sqlite":
+            raw.interrupt()  # thread-safe, by sqlite3's documentation
+        elif wrapper.vendor == "mysql" and self.mysql_thread_id is not None:
+            threading.Thread(
+                target=_kill_mysql_query,
+                args=(wrapper.get_connection_params(), self.mysql_thread_id),
+            ).start()
+
+
+def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
+    # MySQL has no in-band cancel: KILL QUERY from a second connection.
+    import MySQLdb
+
+    try:
+        conn = MySQLdb.connect(**params)
+    except MySQLdb.Error:
+        logger.warning("could not connect to cancel MySQL query %s", thread_id)
+        return
+    try:
+        conn.cursor().execute(f"KILL QUERY {int(thread_id)}")
+    except MySQLdb.Error:
+        pass  # the statement already ended
+    finally:
+        conn.close()
 
 
 _thread_writes = threading.local()
@@ -301,48 +346,11 @@ async def await_job(job: Job) -> Any:
     except asyncio.CancelledError:
         job.observed = True  # abandoned on purpose: nothing to report
         if not job.future.cancel() and job.running is not None:
-            cancel_statement(job.running)
+            job.running.cancel()
         raise
     except BaseException:
         pass  # job.result() raises it, with the worker's traceback
     return job.result(0)
-
-
-def cancel_statement(running: Running) -> None:
-    """Ask the database, from another thread, to stop a worker's running statement."""
-    wrapper = running.connection
-    raw = getattr(wrapper, "connection", None)
-    if raw is None:
-        return
-    if wrapper.vendor == "postgresql":
-        # psycopg's cancel is thread-safe; cancel_safe() is its non-blocking form.
-        cancel = getattr(raw, "cancel_safe", raw.cancel)
-        threading.Thread(target=cancel, daemon=True).start()
-    elif wrapper.vendor == "sqlite":
-        raw.interrupt()  # thread-safe by sqlite3's documentation
-    elif wrapper.vendor == "mysql":
-        threading.Thread(
-            target=_kill_mysql_query,
-            args=(wrapper.get_connection_params(), raw.thread_id()),
-            daemon=True,
-        ).start()
-
-
-def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
-    # MySQL has no in-band cancel: KILL QUERY from a second connection.
-    import MySQLdb
-
-    try:
-        conn = MySQLdb.connect(**params)
-    except MySQLdb.Error:
-        logger.warning("could not connect to cancel MySQL query %s", thread_id)
-        return
-    try:
-        conn.cursor().execute(f"KILL QUERY {int(thread_id)}")
-    except MySQLdb.Error:
-        pass  # the statement already ended
-    finally:
-        conn.close()
 
 
 # -- Lazy results ---------------------------------------------------------------

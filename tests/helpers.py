@@ -1,5 +1,8 @@
 """Helpers that make the database report where and how long a query ran."""
 
+import os
+
+import pytest
 from django.db import connection
 from django.db.models.expressions import RawSQL
 
@@ -23,3 +26,26 @@ def caller_backend_id():
 
 def thread_of(backend_id):
     return BACKEND_THREADS.get(backend_id)
+
+
+BUSY_SQL = {
+    # A statement that runs until cancelled and fails when it is.
+    "postgresql": "pg_sleep(60) IS NULL",
+    "mysql": "(SELECT COUNT(*) FROM information_schema.columns a, "
+    "information_schema.columns b, information_schema.columns c)",
+    "sqlite": "(WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+    "LIMIT 10000000000) SELECT count(*) FROM c)",
+}
+
+
+def busy_expr():
+    """An annotation whose statement runs until the database is asked to cancel it."""
+    return RawSQL(BUSY_SQL[connection.vendor], [])
+
+
+# SQLite's shared cache, which Django's in-memory test database uses, serialises its
+# connections, and Django never closes an in-memory connection.
+not_shared_cache = pytest.mark.skipif(
+    os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
+    reason="in-memory shared-cache SQLite",
+)

@@ -13,19 +13,19 @@ import asynchrormous
 from asynchrormous import resolve
 from asynchrormous.results import submit
 from asynchrormous.signals import job_finished
-from tests.helpers import backend_id_expr, caller_backend_id, sleep_expr, thread_of
+from tests.helpers import (
+    backend_id_expr,
+    caller_backend_id,
+    not_shared_cache,
+    sleep_expr,
+    thread_of,
+)
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 needs_server = pytest.mark.skipif(
     connection.vendor == "sqlite", reason="counts server-side sessions"
-)
-# SQLite's shared cache, which Django's in-memory test database uses, serialises its
-# connections, and Django never closes an in-memory connection.
-not_shared_cache = pytest.mark.skipif(
-    os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
-    reason="in-memory shared-cache SQLite",
 )
 
 SLEEP = 0.3

@@ -1,6 +1,6 @@
 from django.db import models
 
-from asynchrormous import AsyncManager
+from asynchrormous import AsyncManager, AsyncModelMixin
 
 
 class Publisher(models.Model):
@@ -21,7 +21,7 @@ class Author(models.Model):
         return self.name
 
 
-class Book(models.Model):
+class Book(AsyncModelMixin, models.Model):
     title = models.CharField(max_length=200)
     author = models.ForeignKey(Author, models.CASCADE, related_name="books")
     publisher = models.ForeignKey(Publisher, models.SET_NULL, null=True)
