@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from django.core.exceptions import EmptyResultSet, SynchronousOnlyOperation
 from django.db import connections
 from django.db.models import Manager, Model, QuerySet
+from django.db.models.expressions import ResolvedOuterRef
 from django.db.models.query import RawQuerySet
 from django.db.models.sql.compiler import SQLCompiler
 
@@ -86,6 +87,23 @@ def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
 
 def _fetch(queryset: QuerySet[Any]) -> list[Any]:
     return read_with_reconnect(queryset.db, _fetch_rows, queryset)
+
+
+def _expressions(node: Any) -> Iterator[Any]:
+    if hasattr(node, "children"):  # a WhereNode of lookups
+        for child in node.children:
+            yield from _expressions(child)
+    elif hasattr(node, "flatten"):
+        yield from node.flatten()
+
+
+def _refers_to_outer_query(query: Any) -> bool:
+    """Whether the query can only run as a subquery (OuterRef), so not on its own."""
+    return any(
+        isinstance(expression, ResolvedOuterRef)
+        for root in (query.where, *query.annotations.values())
+        for expression in _expressions(root)
+    )
 
 
 def _save_new(obj: Any, using: str) -> Any:
@@ -183,7 +201,11 @@ class AsyncQuerySetMixin(QuerySet[_T]):
             # Integer indexes and slices answer from the started fetch.
             self._collect_fetch()
         result = super().__getitem__(k)
-        if self._background and isinstance(result, AsyncQuerySetMixin):
+        if (
+            self._background
+            and isinstance(result, AsyncQuerySetMixin)
+            and not _refers_to_outer_query(result.query)
+        ):
             result.start()
         return result
 
@@ -280,6 +302,8 @@ class AsyncQuerySetMixin(QuerySet[_T]):
     def in_bulk(self, id_list: Any = None, *, field_name: str = "pk") -> dict[Any, _T]:
         if not self._background:
             return super().in_bulk(id_list, field_name=field_name)
+        if id_list is not None:
+            id_list = tuple(id_list)  # the dry run must not use up an iterator
         return self._background_call("in_bulk", dict, id_list, field_name=field_name)
 
     def get(self, *args: Any, **kwargs: Any) -> _T:
@@ -515,15 +539,9 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         translations: dict[str, str] | None = None,
         using: str | None = None,
     ) -> AsyncRawQuerySet:
-        if using is None:
-            using = self.db
-        return AsyncRawQuerySet(
-            raw_query,
-            model=self.model,
-            params=params,
-            translations=translations,
-            using=using,
-        )
+        raw = super().raw(raw_query, params, translations, using)
+        raw.__class__ = AsyncRawQuerySet  # Django's own set-up, plus await
+        return raw  # type: ignore[return-value]
 
 
 def _call(queryset: QuerySet[Any], name: str, args: Any, kwargs: Any) -> Any:
@@ -544,6 +562,9 @@ def _fetch_raw(queryset: RawQuerySet) -> list[Any]:
 
 class AsyncRawQuerySet(RawQuerySet):
     """An AsyncQuerySet's RawQuerySet: awaitable on the pool, no background mode."""
+
+    def __repr__(self) -> str:
+        return f"<RawQuerySet: {self.query}>"  # as Django's, which code compares
 
     def __await__(self) -> Generator[Any, None, list[Any]]:
         return self._afetch().__await__()

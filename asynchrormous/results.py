@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import threading
 import weakref
@@ -392,8 +393,20 @@ class LazyObjectResult(SimpleLazyObject):
         return await_job(self.__dict__["_job"]).__await__()
 
     def __repr__(self) -> str:
-        # Never blocks, as Django's SimpleLazyObject.__repr__ never evaluates.
-        return f"<LazyObjectResult: {self.__dict__['_job']!r}>"
+        # Never blocks, as Django's SimpleLazyObject.__repr__ never evaluates; once
+        # the value is there it shows as itself (Django puts reprs in its messages).
+        job: Job = self.__dict__["_job"]
+        if job.done() and not job.future.cancelled() and not job.future.exception():
+            return repr(job.result(0))
+        return f"<LazyObjectResult: {job!r}>"
+
+    def __copy__(self) -> Any:
+        return copy.copy(self.__dict__["_job"].result())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        # A copy is a new, independent object (setUpTestData relies on it), not a
+        # second proxy of the same instance.
+        return copy.deepcopy(self.__dict__["_job"].result(), memo)
 
 
 def lazy_result(job: Job, resultclass: type | None) -> Any:

@@ -5,12 +5,12 @@ import threading
 
 import pytest
 from django.db import connection
-from django.db.models import Prefetch
+from django.db.models import OuterRef, Prefetch, Subquery
 from django.test.utils import CaptureQueriesContext
 
 from asynchrormous import AsynchrormousError, is_ready, resolve
 from tests.helpers import backend_id_expr, caller_backend_id, thread_of
-from tests.testapp.models import Book, Tag
+from tests.testapp.models import Author, Book, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -165,3 +165,27 @@ def test_resolve_returns_the_queryset_with_its_cache_filled(books):
     qs = Book.objects.run_async()
     assert resolve(qs) is qs
     assert qs._result_cache is not None and is_ready(qs)
+
+
+def test_a_slice_that_refers_to_an_outer_query_is_not_started(books):
+    newest = (
+        Book.objects.run_async()
+        .filter(author=OuterRef("pk"))
+        .order_by("-year")
+        .values("title")[:1]
+    )
+    assert newest._fetch_job is None
+    authors = Author.objects.annotate(newest=Subquery(newest)).order_by("name")
+    assert [a.newest for a in authors] == ["Book 5", "Book 4"]
+
+
+def test_raw_querysets_keep_prefetch_related_and_djangos_repr(books, jobs):
+    Tag.objects.create(name="t").books.set(books[:1])
+    raw = Book.objects.prefetch_related("tags").raw(
+        "SELECT * FROM testapp_book ORDER BY id"
+    )
+    assert repr(raw).startswith("<RawQuerySet: SELECT")
+    rows = list(raw)
+    with CaptureQueriesContext(connection) as caller:
+        assert [len(b.tags.all()) for b in rows][:2] == [1, 0]
+    assert len(caller) == 0

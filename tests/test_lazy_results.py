@@ -1,5 +1,6 @@
 """Terminals of a background queryset return lazy results that resolve where used."""
 
+import copy
 import gc
 import logging
 import threading
@@ -250,3 +251,19 @@ def test_a_custom_queryset_with_the_mixin_gets_background_mode(books, jobs):
 def test_using_picks_the_database_on_the_callers_thread(books, jobs):
     assert Book.objects.using("default").run_async().count() == 6
     assert jobs[0]["alias"] == "default"
+
+
+def test_a_finished_lazy_object_shows_as_its_value_and_copies_are_independent(books):
+    got = Book.objects.run_async().get(pk=books[0].pk)
+    wait(got)
+    assert repr(got) == "<Book: Book 0>"
+    duplicate = copy.deepcopy(got)
+    assert type(duplicate) is Book and duplicate == books[0]
+    duplicate.title = "changed"
+    assert got.title == "Book 0"
+    assert type(copy.copy(got)) is Book
+
+
+def test_in_bulk_takes_any_iterable(books):
+    found = Book.objects.run_async().in_bulk(iter([books[0].pk, books[1].pk]))
+    assert set(found) == {books[0].pk, books[1].pk}
