@@ -347,6 +347,12 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         if reverse_one_to_one:
             super().create(**kwargs)  # raises Django's own ValueError
         obj = self.model(**kwargs)
+        for field in obj._meta.local_concrete_fields:
+            # Django's own value checks ("Field 'pages' expected a number but got
+            # ...") run while it compiles the INSERT: run them here, at the call.
+            value = field.value_from_object(obj)
+            if not hasattr(value, "resolve_expression"):
+                field.get_prep_value(value)
         self._for_write = True
         db = self.db
         job = submit(

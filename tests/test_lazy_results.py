@@ -126,6 +126,8 @@ def test_errors_django_raises_before_the_database_are_raised_at_the_call(books, 
         Author.objects.run_async().earliest()
     with pytest.raises(TypeError, match="unexpected keyword"):
         qs.create(nope=1)
+    with pytest.raises(TypeError, match="Field 'pages' expected a number but got"):
+        qs.create(title="x", author=books[0].author, pages=())
     with pytest.raises(FieldDoesNotExist):
         qs.update(nope=1)
     sliced = Book.objects.all()[:2].run_async()  # slicing in background mode starts it
