@@ -15,6 +15,7 @@ export PATH := $(PATH)$(foreach d,$(wildcard $(PYENV_ROOT)/versions/3.1[23].*/bi
 
 test: $(TOX)
 	$(TOX) run-parallel --parallel $(TOX_PARALLEL) --parallel-no-spinner
+	$(TOX) run -e django-suite-sqlite,django-suite-postgres
 
 lint: $(TOX)
 	$(TOX) run -e lint
