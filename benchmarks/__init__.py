@@ -1,0 +1,1 @@
+"""Benchmarks of asynchrormous against plain Django and the alternatives (issue #8)."""

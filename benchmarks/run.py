@@ -1,0 +1,823 @@
+"""Benchmarks of asynchrormous against plain Django and the alternatives (issue #8).
+
+    python benchmarks/run.py [--rounds N] [--w4-rounds N] [--quick]
+
+Creates and fills its own PostgreSQL database, starts contender D in its own
+virtualenv (Python 3.12+, Django 6.1, django-async-backend), runs every contender on
+every workload in random order per round, and writes benchmarks/RESULTS.md and
+benchmarks/results.png. Needs matplotlib in the running interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    BUCKETS,
+    DB_NAME,
+    ROWS_PER_BUCKET,
+    W1_SLEEP,
+    W4_BATCHES,
+    W4_CALLERS,
+    W4_SLEEP,
+    WORKERS,
+    WORKLOADS,
+    ConnectionSampler,
+    build,
+    connect,
+    evaluate,
+)
+
+D_VENV = ROOT / ".venv-bench-d"
+D_REQUIREMENTS = ["Django>=6.1,<6.2", "django-async-backend[binary,pool]>=6.1,<6.2"]
+
+LABELS = {
+    "A": "A: plain Django, sequential",
+    "B": "B: Django a* + asyncio.gather",
+    "C": "C: ThreadPoolExecutor(8)",
+    "D": "D: django-async-backend + gather",
+    "sync": "asynchrormous start() / lazy",
+    "async": "asynchrormous await + gather",
+    "limit": "limit: slowest single query",
+}
+CONTENDERS = ["A", "B", "C", "D", "sync", "async"]
+OURS = ["sync", "async"]
+TITLES = {
+    "W1": f"W1 overlap: 8 queries of {W1_SLEEP * 1000:.0f} ms server time",
+    "W2": "W2 overhead: 8 primary-key lookups",
+    "W2-1": "W2 overhead: 1 primary-key lookup",
+    "W3": f"W3 fat rows: {BUCKETS} queries of {ROWS_PER_BUCKET:,} rows",
+    "W4": f"W4 many callers: {W4_CALLERS} callers x {W4_BATCHES} batches of 8 "
+    f"queries of {W4_SLEEP * 1000:.0f} ms",
+}
+
+
+# -- Setup ------------------------------------------------------------------------
+
+
+def django_setup(application_name: str = "bench") -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
+    os.environ["BENCH_APP_NAME"] = application_name
+    import django
+
+    django.setup()
+
+
+def create_database() -> None:
+    """Create the database if needed, its table, and the rows the workloads read."""
+    with connect(dbname="postgres", autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)
+        ).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    from django.core.management import call_command
+
+    from benchmarks.benchapp.models import Item
+
+    call_command("migrate", run_syncdb=True, verbosity=0)
+    if Item.plain.count() != BUCKETS * ROWS_PER_BUCKET:
+        Item.plain.all().delete()
+        start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+        Item.plain.bulk_create(
+            Item(
+                pk=1 + i,
+                bucket=i % BUCKETS,
+                name=f"item {i:05d}",
+                value=i,
+                score=i / 7,
+                flag=i % 3 == 0,
+                created=start + timedelta(minutes=i),
+            )
+            for i in range(BUCKETS * ROWS_PER_BUCKET)
+        )
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE benchapp_item")
+
+
+# -- In-process contenders: each runs one workload once and returns its seconds ------
+
+Ops = list[tuple[str, Any]]
+
+
+def ops_for(workload: str, plain: bool) -> Ops:
+    from benchmarks.benchapp.models import Item
+
+    manager = Item.plain if plain else Item.objects
+    return [build(manager, op) for op in WORKLOADS[workload]]
+
+
+def run_a(ops: Ops) -> tuple[float, float]:
+    """Plain Django; also the slowest single query of the batch (the limit)."""
+    slowest = 0.0
+    started = time.perf_counter()
+    for kind, qs in ops:
+        t = time.perf_counter()
+        evaluate(kind, qs)
+        slowest = max(slowest, time.perf_counter() - t)
+    return time.perf_counter() - started, slowest
+
+
+async def django_aeval(kind: str, qs: Any) -> Any:
+    if kind == "list":
+        return [obj async for obj in qs]
+    if kind == "count":
+        return await qs.acount()
+    return await qs.aget()
+
+
+async def ours_aeval(kind: str, qs: Any) -> Any:
+    if kind == "list":
+        return await qs
+    if kind == "count":
+        return await qs.acount()
+    return await qs.aget()
+
+
+async def gather(
+    aeval: Callable[[str, Any], Coroutine[Any, Any, Any]], ops: Ops
+) -> Any:
+    return await asyncio.gather(*(aeval(kind, qs) for kind, qs in ops))
+
+
+def start_all(ops: Ops) -> list[Any]:
+    """asynchrormous's sync side: everything running before anything is used."""
+    pending = []
+    for kind, qs in ops:
+        qs = qs.run_async()
+        if kind == "list":
+            pending.append(qs.start())
+        elif kind == "count":
+            pending.append(qs.count())
+        else:
+            pending.append(qs.get())
+    return pending
+
+
+def use_all(pending: list[Any]) -> None:
+    from asynchrormous import resolve
+
+    for value in pending:
+        resolve(value)
+
+
+class InProcess:
+    """The contenders that run in this process, with their long-lived resources."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="C")
+
+    def run(self, name: str, workload: str) -> dict[str, float]:
+        ops = ops_for(workload, plain=name in ("A", "B", "C"))
+        if name == "A":
+            t, slowest = run_a(ops)
+            return {"t": t, "limit": slowest}
+        started = time.perf_counter()
+        if name == "B":
+            self.loop.run_until_complete(gather(django_aeval, ops))
+        elif name == "C":
+            futures = [self.executor.submit(evaluate, k, qs) for k, qs in ops]
+            for future in futures:
+                future.result()
+        elif name == "sync":
+            use_all(start_all(ops))
+        elif name == "async":
+            self.loop.run_until_complete(gather(ours_aeval, ops))
+        else:
+            raise ValueError(name)
+        return {"t": time.perf_counter() - started}
+
+
+# -- Contender D: django-async-backend in its own process --------------------------
+
+
+def find_python312() -> str | None:
+    for candidate in ("python3.12", "python3.13"):
+        found = subprocess.run(
+            ["pyenv", "prefix", candidate.removeprefix("python")],
+            capture_output=True,
+            text=True,
+        )
+        if found.returncode == 0:
+            for prefix in found.stdout.split(":"):
+                path = Path(prefix.strip()) / "bin" / "python3"
+                if path.exists():
+                    return str(path)
+    import shutil
+
+    return shutil.which("python3.12") or shutil.which("python3.13")
+
+
+class DProcess:
+    """django-async-backend's process; ``error`` says why it could not run."""
+
+    def __init__(self, python: str | None) -> None:
+        self.error: str | None = None
+        self.versions: dict[str, str] = {}
+        self.proc: subprocess.Popen[str] | None = None
+        try:
+            exe = python or self._venv()
+            self.proc = subprocess.Popen(
+                [exe, str(HERE / "d_worker.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
+            self.versions = self._answer()["versions"]
+        except Exception as exc:  # reported in RESULTS.md, the rest still runs
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.close()
+
+    def _venv(self) -> str:
+        exe = D_VENV / "bin" / "python"
+        if exe.exists():
+            return str(exe)
+        base = find_python312()
+        if base is None:
+            raise RuntimeError("no Python 3.12+ found for django-async-backend")
+        for cmd in (
+            [base, "-m", "venv", str(D_VENV)],
+            [str(exe), "-m", "pip", "install", "--quiet", *D_REQUIREMENTS],
+        ):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        return str(exe)
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            stderr = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"d_worker.py exited:\n{stderr[-2000:]}")
+        return json.loads(line)
+
+    def run(self, workload: str) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(workload + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+# -- W4: 16 callers, each contender in a fresh process of its own ------------------
+
+
+def w4_child(name: str) -> None:
+    """Run W4 for ``name`` in this process and print one JSON line."""
+    application_name = f"bench-w4-{os.getpid()}"
+    django_setup(application_name)
+    from django.db.backends.signals import connection_created
+
+    created: list[str] = []
+
+    def on_created(**kwargs: Any) -> None:
+        created.append(threading.current_thread().name)
+
+    connection_created.connect(on_created, weak=False)
+    contenders = InProcess()
+
+    sampler = ConnectionSampler(application_name)
+    sampler.start()  # from the warm-up on: connections are never to exceed WORKERS
+
+    def threaded() -> float:
+        warm, go = threading.Barrier(W4_CALLERS + 1), threading.Barrier(W4_CALLERS + 1)
+
+        def caller() -> None:
+            contenders.run(name, "W4")  # warm-up: threads and connections
+            warm.wait()
+            go.wait()
+            for _ in range(W4_BATCHES):
+                contenders.run(name, "W4")
+
+        threads = [
+            threading.Thread(target=caller, name=f"caller-{i}")
+            for i in range(W4_CALLERS)
+        ]
+        for thread in threads:
+            thread.start()
+        warm.wait()
+        created.clear()  # from here on, a new connection is a reconnect
+        go.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    async def tasks() -> float:
+        aeval = django_aeval if name == "B" else ours_aeval
+
+        async def caller(batches: int) -> None:
+            for _ in range(batches):
+                await gather(aeval, ops_for("W4", plain=name == "B"))
+
+        await asyncio.gather(*(caller(1) for _ in range(W4_CALLERS)))
+        created.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(W4_BATCHES) for _ in range(W4_CALLERS)))
+        return time.perf_counter() - started
+
+    if name in ("B", "async"):
+        elapsed = contenders.loop.run_until_complete(tasks())
+    else:
+        elapsed = threaded()
+    answer = {
+        "t": elapsed,
+        "queries": W4_CALLERS * W4_BATCHES * len(WORKLOADS["W4"]),
+        "max_connections": sampler.stop(),
+        "reconnects": len(created),
+        "reconnect_threads": sorted(Counter(created).items()),
+    }
+    print(json.dumps(answer), flush=True)
+    from asynchrormous import shutdown
+
+    shutdown()
+
+
+def run_w4(name: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--w4-child", name],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if done.returncode:
+        raise RuntimeError(f"W4 child {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- Rounds --------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    w4: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    created_threads: Counter[str] = field(default_factory=Counter)
+
+    def add(self, workload: str, name: str, seconds: float) -> None:
+        self.samples.setdefault((workload, name), []).append(seconds)
+
+    def median(self, workload: str, name: str) -> float:
+        return statistics.median(self.samples[workload, name])
+
+
+def measure(
+    args: argparse.Namespace, d: DProcess, log: Callable[[str], None]
+) -> Results:
+    from django.db.backends.signals import connection_created
+
+    contenders = InProcess()
+    names = [c for c in CONTENDERS if c != "D" or d.error is None]
+    results = Results()
+    created: list[str] = []
+
+    def on_created(**kwargs: Any) -> None:
+        created.append(threading.current_thread().name)
+
+    connection_created.connect(on_created, weak=False)
+    # W2 is cheap and noisy: more samples of it in each round.
+    repeats = {"W1": 1, "W2": args.w2_repeats, "W2-1": args.w2_repeats, "W3": 1}
+    tasks = [
+        (w, c)
+        for w, n in repeats.items()
+        if w.partition("-")[0] in args.workloads
+        for c in names
+        for _ in range(n)
+    ]
+    rng = random.Random(args.seed)
+    for round_no in range(-args.warmup, args.rounds):
+        rng.shuffle(tasks)
+        if round_no == 0:
+            created.clear()  # from here on, a new connection is a reconnect
+        for workload, name in tasks:
+            if name == "D":
+                answer = d.run(workload)
+            else:
+                answer = contenders.run(name, workload)
+            if round_no >= 0:
+                results.add(workload, name, answer["t"])
+                if "limit" in answer:
+                    results.add(workload, "limit", answer["limit"])
+        if round_no >= 0 and (round_no + 1) % 5 == 0:
+            log(f"round {round_no + 1}/{args.rounds}")
+    results.created_threads = Counter(created)
+    from asynchrormous import shutdown
+
+    shutdown()
+    contenders.executor.shutdown()
+
+    w4_names = [c for c in CONTENDERS if c != "D" or d.error is None]
+    for round_no in range(args.w4_rounds if "W4" in args.workloads else 0):
+        rng.shuffle(w4_names)
+        for name in w4_names:
+            answer = d.run("W4") if name == "D" else run_w4(name)
+            results.w4.setdefault(name, []).append(answer)
+        log(f"W4 round {round_no + 1}/{args.w4_rounds}")
+    return results
+
+
+# -- Report --------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    workload: str
+    contender: str
+    text: str
+    value: str
+    passed: bool
+
+
+def targets(r: Results) -> list[Target]:
+    out = []
+    m = r.median
+    for c in OURS:
+        lim, a, b = m("W1", "limit"), m("W1", "A"), m("W1", "B")
+        x = m("W1", c)
+        out.append(
+            Target("W1", c, "≤ 1.15x the limit", f"{x / lim:.2f}x", x <= 1.15 * lim)
+        )
+        out.append(Target("W1", c, "≥ 6x faster than A", f"{a / x:.1f}x", a >= 6 * x))
+        out.append(Target("W1", c, "≥ 6x faster than B", f"{b / x:.1f}x", b >= 6 * x))
+        for other in ("C", "D"):
+            if ("W1", other) in r.samples:
+                y = m("W1", other)
+                out.append(
+                    Target(
+                        "W1",
+                        c,
+                        f"no slower than {other}",
+                        f"{x / y:.2f}x {other}'s time",
+                        x <= y,
+                    )
+                )
+        added = (m("W2-1", c) - m("W2-1", "A")) * 1e6
+        out.append(
+            Target(
+                "W2", c, "added cost ≤ 60 µs per query", f"{added:+.0f} µs", added <= 60
+            )
+        )
+        x, a = m("W2", c), m("W2", "A")
+        out.append(
+            Target("W2", c, "batch of 8 not slower than A", f"{x / a:.2f}x A", x <= a)
+        )
+        x, a = m("W3", c), m("W3", "A")
+        out.append(Target("W3", c, "≤ 1.10x A", f"{x / a:.2f}x A", x <= 1.10 * a))
+        runs = r.w4.get(c, [])
+        conns = max((run["max_connections"] for run in runs), default=-1)
+        out.append(
+            Target(
+                "W4",
+                c,
+                f"≤ WORKERS ({WORKERS}) server connections",
+                f"max {conns}",
+                0 <= conns <= WORKERS,
+            )
+        )
+        reconnects = sum(run["reconnects"] for run in runs)
+        queries = sum(run["queries"] for run in runs)
+        out.append(
+            Target(
+                "W4",
+                c,
+                "zero reconnects per query",
+                f"{reconnects} in {queries:,} queries",
+                reconnects == 0,
+            )
+        )
+    return out
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def workload_table(r: Results, workload: str) -> list[str]:
+    a = r.median(workload, "A")
+    lim = r.median(workload, "limit") if (workload, "limit") in r.samples else None
+    rows = [
+        "| contender | median ms | min ms | ÷ A | ÷ limit | samples |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in [*CONTENDERS, "limit"]:
+        samples = r.samples.get((workload, name))
+        if not samples:
+            continue
+        med = statistics.median(samples)
+        vs_lim = f"{med / lim:.2f}" if lim else "-"
+        rows.append(
+            f"| {LABELS[name]} | {fmt_ms(med)} | {fmt_ms(min(samples))} | "
+            f"{med / a:.2f} | {vs_lim} | {len(samples)} |"
+        )
+    return rows
+
+
+def w4_table(r: Results) -> list[str]:
+    rows = [
+        "| contender | median s | queries/s (median) | max server connections "
+        "| reconnects | runs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in CONTENDERS:
+        runs = r.w4.get(name)
+        if not runs:
+            continue
+        t = statistics.median(run["t"] for run in runs)
+        rows.append(
+            f"| {LABELS[name]} | {t:.2f} | {runs[0]['queries'] / t:,.0f} | "
+            f"{max(run['max_connections'] for run in runs)} | "
+            f"{sum(run['reconnects'] for run in runs)} | {len(runs)} |"
+        )
+    return rows
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with connect() as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "postgres": f"PostgreSQL {row[0] if row else '?'} on 127.0.0.1, same machine",
+        "main": f"Python {platform.python_version()}, Django "
+        f"{version('django')}, psycopg {version('psycopg')}, asgiref "
+        f"{version('asgiref')}, asynchrormous {version('asynchrormous')} ({commit})",
+    }
+
+
+def load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def write_report(
+    r: Results,
+    d: DProcess,
+    info: dict[str, str],
+    load_before: str,
+    load_after: str,
+    args: argparse.Namespace,
+    breakdown: str,
+) -> str:
+    checks = targets(r)
+    m = r.median
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run.py` on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Each round runs every "
+        f"contender on every workload in a new random order ({args.rounds} rounds "
+        f"after {args.warmup} of warm-up; W2 {args.w2_repeats}x per round), so "
+        "the ratios compare times taken side by side. Lower is better.",
+        "",
+        "## Machine and versions",
+        "",
+        f"- CPU: {info['cpu']}",
+        f"- Load average (1, 5, 15 min): {load_before} before, {load_after} after",
+        f"- {info['postgres']}",
+        f"- Main process: {info['main']}; `ASYNCHRORMOUS = {{'WORKERS': {WORKERS}}}`",
+    ]
+    if d.error is None:
+        v = d.versions
+        lines.append(
+            f"- D's process: Python {v['python']}, Django {v['django']}, "
+            f"django-async-backend {v['django-async-backend']}, psycopg "
+            f"{v['psycopg']}, psycopg-pool {v['psycopg-pool']} (pool of {WORKERS})"
+        )
+    else:
+        lines.append(f"- D could not run here:\n\n```\n{d.error}\n```")
+    lines += [
+        "",
+        "## Headline",
+        "",
+        f"- W1: asynchrormous is {m('W1', 'A') / m('W1', 'sync'):.1f}x faster than "
+        f"plain Django (start()) and {m('W1', 'A') / m('W1', 'async'):.1f}x (await "
+        f"+ gather), at {m('W1', 'sync') / m('W1', 'limit'):.2f}x and "
+        f"{m('W1', 'async') / m('W1', 'limit'):.2f}x the slowest single query.",
+        f"- W2: one background pk lookup costs "
+        f"{(m('W2-1', 'sync') - m('W2-1', 'A')) * 1e6:+.0f} µs (start()) and "
+        f"{(m('W2-1', 'async') - m('W2-1', 'A')) * 1e6:+.0f} µs (await) over plain "
+        f"Django's {m('W2-1', 'A') * 1e6:.0f} µs; a batch of 8 takes "
+        f"{m('W2', 'sync') / m('W2', 'A'):.2f}x and "
+        f"{m('W2', 'async') / m('W2', 'A'):.2f}x A's time.",
+        f"- W3: {m('W3', 'sync') / m('W3', 'A'):.2f}x and "
+        f"{m('W3', 'async') / m('W3', 'A'):.2f}x A's time.",
+        "",
+        "## Targets",
+        "",
+        "| workload | asynchrormous | target | measured | |",
+        "|---|---|---|---|---|",
+    ]
+    for t in checks:
+        side = "start() / lazy" if t.contender == "sync" else "await + gather"
+        verdict = "PASS" if t.passed else "**FAIL**"
+        lines.append(f"| {t.workload} | {side} | {t.text} | {t.value} | {verdict} |")
+    for workload in ("W1", "W2", "W2-1", "W3"):
+        lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
+    lines += [
+        "",
+        f"## {TITLES['W4']}",
+        "",
+        "Each run is a fresh process (D: its long-lived one) with its own",
+        "`application_name`; a sampler thread polls `pg_stat_activity` every 2 ms",
+        "for that name. Reconnects are `connection_created` signals after a warm-up",
+        "batch (D: connections its pool opened).",
+        "",
+        *w4_table(r),
+    ]
+    reconnected = ", ".join(f"{k} ({v})" for k, v in sorted(r.created_threads.items()))
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- The limit is plain Django's slowest single query of the batch, timed",
+        "  inside A's run of the same round.",
+        f"- {W1_SLEEP * 1000:.0f} ms of server time is an uncorrelated "
+        "`EXISTS (SELECT 1 FROM pg_sleep(...))` filter: once per query.",
+        "- W1 to W3: new connections after warm-up in the main process: "
+        + (reconnected or "none")
+        + ".",
+        "- D opens each query with `async_new_connection()` (a pooled connection per "
+        "task), its documented way to run queries in parallel.",
+    ]
+    if breakdown:
+        lines += [
+            "",
+            "## Where W2's added cost goes (start() side)",
+            "",
+            "`python benchmarks/profile_w2.py breakdown`: timers wrapped around",
+            "asynchrormous internals, interleaved with plain `get()` of the same row.",
+            "",
+            "```",
+            breakdown.strip(),
+            "```",
+        ]
+    text = "\n".join(lines) + "\n"
+    (HERE / "RESULTS.md").write_text(text)
+    return text
+
+
+def chart(r: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    panels = ["W1", "W2", "W2-1", "W3"]
+    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
+    colours = {
+        "A": "#999999",
+        "B": "#bbbbbb",
+        "C": "#6a9fd0",
+        "D": "#9b7fc4",
+        "sync": "#d9822b",
+        "async": "#e0a95f",
+    }
+    for ax, workload in zip(axes.flat, panels, strict=False):
+        names = [c for c in CONTENDERS if (workload, c) in r.samples][::-1]
+        meds = [r.median(workload, c) * 1000 for c in names]
+        mins = [min(r.samples[workload, c]) * 1000 for c in names]
+        ax.barh([LABELS[c] for c in names], meds, color=[colours[c] for c in names])
+        ax.plot(mins, range(len(names)), "k|", markersize=12, label="min")
+        if (workload, "limit") in r.samples:
+            ax.axvline(
+                r.median(workload, "limit") * 1000, color="k", ls="--", label="limit"
+            )
+        for y, v in enumerate(meds):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+        ax.set_title(TITLES[workload], fontsize=10)
+        ax.set_xlabel("milliseconds (median; lower is better)")
+        ax.set_xlim(0, max(meds) * 1.18)
+    names = [c for c in CONTENDERS if c in r.w4][::-1]
+    qps = [
+        r.w4[c][0]["queries"] / statistics.median(x["t"] for x in r.w4[c])
+        for c in names
+    ]
+    conns = [max(x["max_connections"] for x in r.w4[c]) for c in names]
+    for ax, values, xlabel in (
+        (axes[2, 0], qps, "queries per second (median; higher is better)"),
+        (axes[2, 1], conns, "max server connections from the process"),
+    ):
+        ax.barh([LABELS[c] for c in names], values, color=[colours[c] for c in names])
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+        ax.set_title(
+            f"W4: {W4_CALLERS} callers, {W4_SLEEP * 1000:.0f} ms queries", fontsize=10
+        )
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(0, max(values) * 1.18)
+    axes[2, 1].axvline(WORKERS, color="k", ls="--")
+    axes[2, 1].text(WORKERS, -0.9, " WORKERS", fontsize=8)
+    fig.legend(
+        handles=[
+            Line2D([], [], color="k", marker="|", ls="", markersize=12, label="min"),
+            Line2D([], [], color="k", ls="--", label="limit (W1-W3), WORKERS (W4)"),
+        ],
+        loc="upper center",
+        ncol=2,
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--w2-repeats", type=int, default=10)
+    parser.add_argument("--w4-rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument(
+        "--workloads",
+        type=lambda s: s.split(","),
+        default=["W1", "W2", "W3", "W4"],
+        help="comma-separated; the report needs all four",
+    )
+    parser.add_argument("--quick", action="store_true", help="a few rounds, to try")
+    parser.add_argument("--d-python", help="the interpreter for D (default: a venv)")
+    parser.add_argument("--w4-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.w4_child:
+        w4_child(args.w4_child)
+        return
+    if args.quick:
+        args.rounds, args.warmup, args.w2_repeats, args.w4_rounds = 5, 1, 4, 1
+
+    def log(message: str) -> None:
+        now = datetime.now(timezone.utc)
+        print(f"[{now:%H:%M:%S}] {message} (load {load()})", flush=True)
+
+    load_before = load()
+    log("creating the database")
+    django_setup()
+    create_database()
+    log("starting D (django-async-backend)")
+    d = DProcess(args.d_python)
+    if d.error:
+        log(f"D cannot run: {d.error}")
+    info = machine()
+    try:
+        results = measure(args, d, log)
+    finally:
+        d.close()
+    load_after = load()
+    log("W2 breakdown")
+    breakdown = subprocess.run(
+        [sys.executable, str(HERE / "profile_w2.py"), "breakdown"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    text = write_report(results, d, info, load_before, load_after, args, breakdown)
+    chart(results, HERE / "results.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
