@@ -1,0 +1,1 @@
+"""The bookshop demo project: settings, URLs and the ASGI/WSGI entry points."""
