@@ -350,6 +350,8 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         for field in obj._meta.local_concrete_fields:
             # Django's own value checks ("Field 'pages' expected a number but got
             # ...") run while it compiles the INSERT: run them here, at the call.
+            if field.generated:
+                continue  # computed by the database, not sent
             value = field.value_from_object(obj)
             if not hasattr(value, "resolve_expression"):
                 field.get_prep_value(value)

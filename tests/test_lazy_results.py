@@ -92,8 +92,10 @@ def test_writes_return_lazy_results(books):
     qs = Book.objects.run_async()
     rows = qs.filter(pages__lt=120).update(year=2001)
     assert rows == 2
-    created = qs.create(title="New", author=books[0].author)
+    created = qs.create(title="New", author=books[0].author, pages=300)
     assert isinstance(created, Book) and resolve(created).pk is not None
+    created.refresh_from_db()
+    assert created.sheets == 150  # a generated field, computed by the database
     author = books[0].author
     obj, was_created = qs.get_or_create(title="New", defaults={"author": author})
     assert not was_created and obj.pk == created.pk

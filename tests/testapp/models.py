@@ -28,6 +28,11 @@ class Book(AsyncModelMixin, models.Model):
     pages = models.IntegerField(default=100)
     year = models.IntegerField(default=2000)
     published = models.DateField(null=True)
+    sheets = models.GeneratedField(
+        expression=models.F("pages") / 2,
+        output_field=models.IntegerField(),
+        db_persist=True,
+    )
 
     objects = AsyncManager()
 
