@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,6 +59,7 @@ def _context(
         "vendor": connection.display_name,
         "latency_ms": latency.seconds() * 1000,
         "workers": settings.ASYNCHRORMOUS.get("WORKERS", 8),
+        "cpus": os.cpu_count(),
     }
 
 
