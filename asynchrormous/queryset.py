@@ -16,7 +16,9 @@ from django.db import connections
 from django.db.models import Manager, Model, QuerySet
 from django.db.models.expressions import ResolvedOuterRef
 from django.db.models.query import RawQuerySet
+from django.db.models.sql import Query
 from django.db.models.sql.compiler import SQLCompiler
+from django.db.models.sql.where import WhereNode
 
 from . import aio
 from .exceptions import AsynchrormousError
@@ -90,20 +92,27 @@ def _fetch(queryset: QuerySet[Any]) -> list[Any]:
 
 
 def _expressions(node: Any) -> Iterator[Any]:
-    if hasattr(node, "children"):  # a WhereNode of lookups
+    """Every expression under ``node``, down into subqueries' own queries."""
+    if isinstance(node, Query):
+        for root in (node.where, *node.annotations.values()):
+            yield from _expressions(root)
+    elif isinstance(node, WhereNode):
         for child in node.children:
             yield from _expressions(child)
-    elif hasattr(node, "flatten"):
-        yield from node.flatten()
+    else:
+        yield node
+        for source in node.get_source_expressions():
+            if source is not None:
+                yield from _expressions(source)
 
 
-def _refers_to_outer_query(query: Any) -> bool:
-    """Whether the query can only run as a subquery (OuterRef), so not on its own."""
-    return any(
-        isinstance(expression, ResolvedOuterRef)
-        for root in (query.where, *query.annotations.values())
-        for expression in _expressions(root)
-    )
+def _refers_to_outer_query(query: Query) -> bool:
+    """Whether the query can only run as a subquery (OuterRef), so not on its own.
+
+    An OuterRef nested deeper may refer to this query itself: then the slice only
+    loses its early start, never its result.
+    """
+    return any(isinstance(e, ResolvedOuterRef) for e in _expressions(query))
 
 
 def _save_new(obj: Any, using: str) -> Any:

@@ -189,3 +189,19 @@ def test_raw_querysets_keep_prefetch_related_and_djangos_repr(books, jobs):
     with CaptureQueriesContext(connection) as caller:
         assert [len(b.tags.all()) for b in rows][:2] == [1, 0]
     assert len(caller) == 0
+
+
+def test_a_slice_with_a_nested_outer_reference_is_not_started(books):
+    middle = (
+        Book.objects.run_async()
+        .filter(
+            pk__in=Subquery(
+                Book.objects.filter(author=OuterRef(OuterRef("pk"))).values("pk")
+            )
+        )
+        .order_by("-year")
+        .values("title")[:1]
+    )
+    assert middle._fetch_job is None
+    authors = Author.objects.annotate(newest=Subquery(middle)).order_by("name")
+    assert [a.newest for a in authors] == ["Book 5", "Book 4"]
