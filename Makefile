@@ -31,7 +31,7 @@ demo: $(DEMO_VENV)/.installed
 	cd example_project && ../$(DEMO_VENV)/bin/python manage.py migrate --no-input
 	cd example_project && ../$(DEMO_VENV)/bin/python manage.py generate_catalogue
 	cd example_project && exec ../$(DEMO_VENV)/bin/uvicorn bookshop.asgi:application \
-		--host $(DEMO_HOST) --port $(DEMO_PORT)
+		--host $(DEMO_HOST) --port $(DEMO_PORT) --lifespan off
 
 # Editable, so the demo runs this checkout's library; rebuilt when the requirements change.
 $(DEMO_VENV)/.installed: pyproject.toml example_project/requirements.txt
