@@ -101,7 +101,8 @@ def _expressions(node: Any) -> Iterator[Any]:
             yield from _expressions(child)
     else:
         yield node
-        for source in node.get_source_expressions():
+        # Not every node is an expression: none() puts a NothingNode in the WHERE.
+        for source in getattr(node, "get_source_expressions", list)():
             if source is not None:
                 yield from _expressions(source)
 

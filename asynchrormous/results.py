@@ -31,6 +31,7 @@ __all__ = [
     "await_job",
     "cancel",
     "is_ready",
+    "job_of",
     "lazy_result",
     "resolve",
     "submit",
@@ -362,7 +363,7 @@ def _value(job: Job) -> Any:
 
 
 def _await_proxy(proxy: Any) -> Any:
-    return await_job(_job_of(proxy)).__await__()  # type: ignore[arg-type]
+    return await_job(job_of(proxy)).__await__()  # type: ignore[arg-type]
 
 
 def _awaitable_lazy(resultclass: type) -> Callable[[Job], Any]:
@@ -433,7 +434,7 @@ def _is_background_queryset(value: Any) -> bool:
     return issubclass(type(value), BackgroundEvaluable)
 
 
-def _job_of(value: Any) -> Job | None:
+def job_of(value: Any) -> Job | None:
     # Only type(value), never isinstance(): on a miss isinstance() reads
     # value.__class__, which evaluates an object proxy.
     kind = type(value)
@@ -457,7 +458,7 @@ def resolve(value: T, timeout: float | None = DEFAULT) -> T:
     if _is_background_queryset(value):
         value._resolve_background(_timeout(timeout))  # type: ignore[attr-defined]
         return value
-    job = _job_of(value)
+    job = job_of(value)
     return value if job is None else job.result(timeout)
 
 
@@ -487,7 +488,7 @@ def wait(*values: Any, timeout: float | None = DEFAULT) -> None:
     for value in values:
         if _is_background_queryset(value) and value._background_job() is None:
             value.start()
-        job = _job_of(value)
+        job = job_of(value)
         if job is not None:
             futures.append(job.future)
     _wait_all(futures, timeout, "the background results")
@@ -495,7 +496,7 @@ def wait(*values: Any, timeout: float | None = DEFAULT) -> None:
 
 def is_ready(value: Any) -> bool:
     """Whether using ``value`` now would not block (plain values are always ready)."""
-    job = _job_of(value)
+    job = job_of(value)
     if job is not None:
         return job.done()
     if _is_background_queryset(value):
@@ -508,5 +509,5 @@ def cancel(value: Any) -> bool:
 
     Using a cancelled result raises ``Cancelled``.
     """
-    job = _job_of(value)
+    job = job_of(value)
     return job is not None and job.future.cancel()

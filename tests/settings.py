@@ -65,6 +65,8 @@ INSTALLED_APPS = [
     "tests.testapp",
 ]
 SECRET_KEY = "tests"
+ROOT_URLCONF = "tests.urls"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates"}]
