@@ -32,7 +32,6 @@ __all__ = [
     "Span",
     "Timeline",
     "connect",
-    "last_totals",
     "plain_statements",
     "recording",
 ]
@@ -75,7 +74,6 @@ class Bar:
     left: float
     width: float
     sql: str
-    on_request_thread: bool
 
 
 @dataclass(frozen=True)
@@ -93,11 +91,6 @@ class Drawing:
 
 # The last (title, total ms) of each page in this process, compared under each page.
 _last_totals: dict[str, tuple[str, float]] = {}
-
-
-def last_totals() -> dict[str, float]:
-    """The last total time of each page served by this process, in ms."""
-    return {page: ms for page, (_, ms) in _last_totals.items()}
 
 
 class Timeline:
@@ -149,7 +142,6 @@ class Timeline:
                     left=100 * max(start_ms, 0) / scale,
                     width=100 * ms / scale,
                     sql="\n".join(span.sql),
-                    on_request_thread=span.thread == self.request_thread,
                 )
             )
         used = {span.thread for span in spans}
@@ -161,18 +153,14 @@ class Timeline:
             threads=[(t, c) for t, c in colours.items() if t in used],
             ticks=_ticks(total),
             busy_ms=sum(bar.ms for bar in bars),
+            # In the order of the titles, which the views number.
             totals=[
                 (page, title, ms, 100 * ms / slowest)
-                for page, (title, ms) in sorted(_last_totals.items(), key=_page_order)
+                for page, (title, ms) in sorted(
+                    _last_totals.items(), key=lambda item: item[1][0]
+                )
             ],
         )
-
-
-PAGE_ORDER = ("sync", "background", "gather")
-
-
-def _page_order(item: tuple[str, Any]) -> int:
-    return PAGE_ORDER.index(item[0]) if item[0] in PAGE_ORDER else len(PAGE_ORDER)
 
 
 def _ticks(total_ms: float) -> list[tuple[float, int]]:

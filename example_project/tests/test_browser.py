@@ -121,7 +121,8 @@ def _start_server(
             _stop(server)
             raise
         return server, url
-    raise RuntimeError(f"uvicorn did not start; see the logs in {logs}")
+    output = (logs / f"uvicorn-{port}.log").read_text(errors="replace")
+    raise RuntimeError(f"uvicorn did not start; its output:\n{output[-3000:]}")
 
 
 @pytest.fixture(scope="module")
