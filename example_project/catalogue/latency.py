@@ -29,7 +29,7 @@ from django.db.backends.signals import connection_created
 
 __all__ = ["active_on", "install", "install_from_settings", "seconds"]
 
-# Read on every statement, so install() also changes connections opened before it.
+# Read on every statement: a later install() also changes already wrapped connections.
 _seconds = 0.0
 
 
