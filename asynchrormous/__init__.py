@@ -5,6 +5,7 @@ from .model_mixin import AsyncModelMixin
 from .pool import shutdown
 from .queryset import AsyncManager, AsyncQuerySet, AsyncQuerySetMixin
 from .results import cancel, is_ready, resolve, wait
+from .transaction import atomic
 
 __all__ = [
     "AsyncManager",
@@ -14,6 +15,7 @@ __all__ = [
     "AsynchrormousError",
     "Cancelled",
     "ResultTimeout",
+    "atomic",
     "cancel",
     "is_ready",
     "resolve",

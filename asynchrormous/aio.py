@@ -16,6 +16,7 @@ from typing import Any
 from asgiref.sync import AsyncToSync, sync_to_async
 
 from .results import await_job, must_run_inline, submit
+from .signals import instrumented, job_finished
 
 __all__ = ["on_callers_sync_thread", "run", "stream", "sync_to_async"]
 
@@ -38,6 +39,8 @@ async def run(
 ) -> Any:
     """Run ``fn(*args)`` on the pool and await its value."""
     if await on_callers_sync_thread(alias):
+        if job_finished.has_listeners():
+            fn = instrumented(fn, alias, description, inline=True)
         return await sync_to_async(fn, thread_sensitive=True)(*args)
     job = submit(fn, *args, alias=alias, writes=writes, description=description)
     return await await_job(job)

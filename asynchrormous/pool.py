@@ -21,10 +21,20 @@ from typing import Any, ParamSpec, TypeVar
 
 from django.core.signals import setting_changed
 from django.db import InterfaceError, OperationalError, connections
+from django.db.transaction import TransactionManagementError
 
 from .conf import Settings, get_settings
 
-__all__ = ["WorkerPool", "get_pool", "in_worker", "read_with_reconnect", "shutdown"]
+__all__ = [
+    "Pin",
+    "WorkItem",
+    "WorkerPool",
+    "get_pool",
+    "in_worker",
+    "pinned",
+    "read_with_reconnect",
+    "shutdown",
+]
 
 logger = logging.getLogger("asynchrormous")
 
@@ -58,7 +68,7 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
 
 
-class _WorkItem:
+class WorkItem:
     __slots__ = ("args", "context", "fn", "future", "kwargs")
 
     def __init__(
@@ -123,7 +133,7 @@ class _ConnectionKeeper:
 
 def _worker(
     pool_ref: weakref.ref[WorkerPool],
-    work_queue: queue.SimpleQueue[_WorkItem | None],
+    work_queue: queue.SimpleQueue[WorkItem | None],
     settings: Settings,
 ) -> None:
     _worker_state.is_worker = True
@@ -158,11 +168,14 @@ class WorkerPool(Executor):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
         self._threads: set[threading.Thread] = set()
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._shutdown = False
+        # Pins may hold all workers but one, so unpinned work always has a worker
+        # (with a single worker, a pin holds it and other work waits its turn).
+        self.pin_slots = threading.BoundedSemaphore(max(1, settings.workers - 1))
 
     def submit(
         self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
@@ -171,7 +184,7 @@ class WorkerPool(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: Future[T] = Future()
-            self._queue.put(_WorkItem(future, fn, args, kwargs))
+            self._queue.put(WorkItem(future, fn, args, kwargs))
             self._adjust_thread_count()
             return future
 
@@ -220,6 +233,60 @@ class WorkerPool(Executor):
                         "asynchrormous worker %s still running after shutdown",
                         thread.name,
                     )
+
+
+class Pin:
+    """A worker held by one asyncio task for a transaction; its jobs run there in order.
+
+    It is itself one long job on the pool, serving only this task's queue, so the
+    transaction's connection is never lent to anybody else.
+    """
+
+    def __init__(self, pool: WorkerPool, alias: str, task: Any) -> None:
+        self.pool = pool
+        self.alias = alias
+        self.task = task
+        self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
+        self.served = pool.submit(self._serve)
+
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            item.run()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put(WorkItem(future, fn, args, {}))
+        return future
+
+    def release(self) -> None:
+        self._queue.put(None)
+        self.pool.pin_slots.release()
+
+
+#: The pins of the current task, by alias; set by asynchrormous.atomic().
+pins: contextvars.ContextVar[dict[str, Pin] | None] = contextvars.ContextVar(
+    "asynchrormous_pins", default=None
+)
+
+
+def pinned(alias: str, task: Any) -> Pin | None:
+    """The pin that work of ``task`` on ``alias`` must run on, if it is in a block.
+
+    A task created inside another task's block inherits its context, not its
+    transaction: it must not slip its queries into it.
+    """
+    pin = (pins.get() or {}).get(alias)
+    if pin is None:
+        return None
+    if pin.task is not task:
+        raise TransactionManagementError(
+            f"This task was created inside an asynchrormous atomic() block on "
+            f"{alias!r} of another task; it cannot join that transaction. Await the "
+            f"work in the block's own task (asyncio.timeout() rather than wait_for(), "
+            f"no gather(): one transaction has one connection), or open an atomic() "
+            f"block in this task."
+        )
+    return pin
 
 
 _pool: WorkerPool | None = None

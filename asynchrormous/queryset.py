@@ -154,16 +154,20 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         # async code, a compilation needing the server's version is left to the worker.
         with contextlib.suppress(EmptyResultSet, SynchronousOnlyOperation):
             self.query.get_compiler(using=db).as_sql()
-        worker_qs = self._clone()
-        worker_qs._background = False
-        worker_qs._db = db  # type: ignore[attr-defined]
         self._fetch_job = submit(
             _fetch,
-            worker_qs,
+            self._fetch_clone(db),
             alias=db,
             writes=False,
             description=f"fetch of {self._describe()}",
         )
+
+    def _fetch_clone(self, db: str) -> AsyncQuerySetMixin[_T]:
+        """A private copy for the worker to evaluate, the plain Django way."""
+        clone = self._clone()
+        clone._background = False
+        clone._db = db  # type: ignore[attr-defined]
+        return clone
 
     def _collect_fetch(self, timeout: float | None = DEFAULT) -> None:
         job = self._fetch_job
@@ -423,10 +427,16 @@ class AsyncQuerySetMixin(QuerySet[_T]):
     async def _afetch(self) -> list[_T]:
         if self._result_cache is None:
             if self._fetch_job is None:
-                if await aio.on_callers_sync_thread(self.db):
-                    await aio.sync_to_async(self._fetch_all, thread_sensitive=True)()
-                    return self._result_cache  # type: ignore[return-value]
-                self._submit_fetch()
+                db = self.db
+                self._result_cache = await aio.run(
+                    _fetch,
+                    self._fetch_clone(db),
+                    alias=db,
+                    writes=False,
+                    description=f"fetch of {self._describe()}",
+                )
+                self._prefetch_done = True
+                return self._result_cache
             job = self._fetch_job
             assert job is not None
             try:

@@ -22,7 +22,7 @@ from django.utils.functional import Promise, SimpleLazyObject, lazy
 
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
-from .pool import get_pool, in_worker
+from .pool import get_pool, in_worker, pinned
 from .signals import instrumented, job_finished
 
 __all__ = [
@@ -213,15 +213,19 @@ _task_writes: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = (
 _task_writes_lock = threading.Lock()
 
 
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        return None
+
+
 def _caller_writes() -> dict[str, list[concurrent.futures.Future[Any]]]:
     """The calling thread's, or asyncio task's, own background writes by alias.
 
     Per task, not per event-loop thread: concurrent tasks never wait on each other.
     """
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        task = None
+    task = _current_task()
     if task is None:
         writes: dict[str, list[Any]] = _thread_writes.__dict__.setdefault("writes", {})
         return writes
@@ -322,6 +326,10 @@ def submit(
         return Job(future, description)
     running = Running(alias)
     fn = running.track(fn)
+    pin = pinned(alias, _current_task())
+    if pin is not None:
+        # Inside the task's async atomic() block: on its worker, in order.
+        return Job(pin.submit(fn, *args), description, running=running)
     pending = _pending_writes(alias)
     if pending:
         future = get_pool().submit(

@@ -40,13 +40,17 @@ def instrumented(
 
         started = time.perf_counter()
         error: BaseException | None = None
+        # Not Django's execute_wrapper(): it pops the *last* wrapper on exit, and the
+        # job may add one of its own (a write barrier, a connection_created hook).
+        wrappers = connections[alias].execute_wrappers
+        wrappers.append(record)
         try:
-            with connections[alias].execute_wrapper(record):
-                return fn(*args)
+            return fn(*args)
         except BaseException as exc:
             error = exc
             raise
         finally:
+            wrappers.remove(record)
             job_finished.send(
                 sender=None,
                 description=description,

@@ -256,7 +256,7 @@ async def test_related_managers_and_raw_querysets_are_awaitable(books, jobs):
     assert all(job["thread"].startswith("asynchrormous-") for job in jobs)
 
 
-def test_under_async_to_sync_inside_atomic_async_code_sees_the_blocks_rows(books):
+def test_under_async_to_sync_inside_atomic_async_code_sees_the_blocks_rows(books, jobs):
     """Django's TestCase runs async tests so: async_to_sync from an atomic thread."""
 
     class Rollback(Exception):
@@ -281,5 +281,7 @@ def test_under_async_to_sync_inside_atomic_async_code_sees_the_blocks_rows(books
         assert where == [caller_backend_id()]
         assert count == 7
         assert streamed == ["Uncommitted"]
+        main = threading.current_thread().name
+        assert [(j["thread"], j["inline"]) for j in jobs] == [(main, True)] * 2
         raise Rollback
     assert Book.objects.count() == 6

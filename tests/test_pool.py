@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Prefetch
 
 import asynchrormous
@@ -236,3 +236,30 @@ def test_inside_atomic_background_work_runs_inline_and_reads_uncommitted_rows(bo
         raise Rollback
     assert not Book.objects.filter(title="Uncommitted").exists()
     assert Book.objects.count() == 6
+
+
+def test_instrumentation_leaves_wrappers_that_a_job_adds(books, settings, jobs):
+    """job_finished's SQL recorder is removed by identity, not by popping the last."""
+    from django.db.backends.signals import connection_created
+
+    def marker(execute, sql, params, many, context):
+        return execute(sql, params, many, context)
+
+    def add_marker(sender, connection, **kwargs):
+        connection.execute_wrappers.append(marker)
+
+    settings.ASYNCHRORMOUS = {"WORKERS": 1}
+    connection_created.connect(add_marker, weak=False)
+    try:
+        assert Book.objects.run_async().count() == 6  # the worker connects in the job
+    finally:
+        connection_created.disconnect(add_marker)
+    left = submit(
+        lambda: list(connections["default"].execute_wrappers),
+        alias="default",
+        writes=False,
+        description="wrappers",
+    ).result()
+    assert [w for w in left if w is marker] == [marker]
+    # Only the recorder of the job that is running now, none left over.
+    assert len([w for w in left if getattr(w, "__name__", "") == "record"]) == 1
