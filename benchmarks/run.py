@@ -590,7 +590,11 @@ def machine() -> dict[str, str]:
     }
 
 
+LOADS: list[float] = []  # the 1-minute load average at each progress line
+
+
 def load() -> str:
+    LOADS.append(os.getloadavg()[0])
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
@@ -608,7 +612,7 @@ def write_report(
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python benchmarks/run.py` on "
+        f"Written by `make bench` (`python benchmarks/run.py`) on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Each round runs every "
         f"contender on every workload in a new random order ({args.rounds} rounds "
         f"after {args.warmup} of warm-up; W2 {args.w2_repeats}x per round), so "
@@ -617,7 +621,16 @@ def write_report(
         "## Machine and versions",
         "",
         f"- CPU: {info['cpu']}",
-        f"- Load average (1, 5, 15 min): {load_before} before, {load_after} after",
+        f"- Load average (1, 5, 15 min): {load_before} before, {load_after} after; "
+        f"1-minute load at most {max(LOADS):.2f} at the progress lines, this "
+        "benchmark's own processes and PostgreSQL (same 2 cores) included."
+        + (
+            " **Other work was running**: absolute times are inflated and the "
+            "sub-millisecond W2 figures are noisy; the ratios were still taken side "
+            "by side."
+            if LOADS[0] > 0.5
+            else ""
+        ),
         f"- {info['postgres']}",
         f"- Main process: {info['main']}; `ASYNCHRORMOUS = {{'WORKERS': {WORKERS}}}`",
     ]
@@ -641,7 +654,8 @@ def write_report(
         f"- W2: one background pk lookup costs "
         f"{(m('W2-1', 'sync') - m('W2-1', 'A')) * 1e6:+.0f} µs (start()) and "
         f"{(m('W2-1', 'async') - m('W2-1', 'A')) * 1e6:+.0f} µs (await) over plain "
-        f"Django's {m('W2-1', 'A') * 1e6:.0f} µs; a batch of 8 takes "
+        f"Django's {m('W2-1', 'A') * 1e6:.0f} µs (a bare ThreadPoolExecutor hop, C: "
+        f"{(m('W2-1', 'C') - m('W2-1', 'A')) * 1e6:+.0f} µs); a batch of 8 takes "
         f"{m('W2', 'sync') / m('W2', 'A'):.2f}x and "
         f"{m('W2', 'async') / m('W2', 'A'):.2f}x A's time.",
         f"- W3: {m('W3', 'sync') / m('W3', 'A'):.2f}x and "
@@ -768,10 +782,10 @@ def chart(r: Results, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--w2-repeats", type=int, default=10)
-    parser.add_argument("--w4-rounds", type=int, default=3)
+    parser.add_argument("--w4-rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=8)
     parser.add_argument(
         "--workloads",
