@@ -9,7 +9,12 @@ from django.db.transaction import TransactionManagementError
 
 from asynchrormous import ResultTimeout, atomic
 from asynchrormous.transaction import get_rollback, on_commit, set_rollback
-from tests.helpers import backend_id_expr, busy_expr, caller_backend_id
+from tests.helpers import (
+    backend_id_expr,
+    busy_expr,
+    caller_backend_id,
+    not_shared_cache,
+)
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,6 +33,7 @@ async def session():
     return (await Book.objects.annotate(where=backend_id_expr()).afirst()).where
 
 
+@not_shared_cache  # its table locks fail a reader at once ("table is locked")
 async def test_a_block_commits_and_reads_its_own_writes_on_one_connection(books):
     author = books[0].author
     written = asyncio.Event()
@@ -107,6 +113,7 @@ async def test_set_rollback_rolls_back_without_raising(books):
     assert not await Book.objects.filter(title="Undone").aexists()
 
 
+@not_shared_cache
 async def test_the_decorator_form_opens_a_block_per_call(books):
     @atomic
     async def bare(title):
