@@ -121,7 +121,24 @@ def _save_new(obj: Any, using: str) -> Any:
     return obj
 
 
-class AsyncQuerySetMixin(QuerySet[_T]):
+class _AwaitableRows:
+    """``await x`` gives the list of rows and ``async for`` iterates it."""
+
+    async def _afetch(self) -> list[Any]:
+        raise NotImplementedError
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        return self._afetch().__await__()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        async def rows() -> AsyncIterator[Any]:
+            for row in await self:
+                yield row
+
+        return rows()
+
+
+class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     """Adds background evaluation to a QuerySet; mix it into custom QuerySets first."""
 
     # Class attributes so Django's __init__ and _clone need no override for defaults.
@@ -237,6 +254,19 @@ class AsyncQuerySetMixin(QuerySet[_T]):
 
     # -- Terminals: lazy results in background mode ------------------------------
 
+    def _terminal_clone(self, writes: bool) -> tuple[Any, str]:
+        """A plain-Django copy that sees this queryset's cache, and its database.
+
+        The database is routed here, on the caller's thread, as Django would.
+        """
+        qs = self._chain()  # type: ignore[attr-defined]
+        qs._background = False
+        qs._result_cache = self._result_cache
+        qs._prefetch_done = self._prefetch_done
+        qs._for_write = qs._for_write or writes
+        qs._db = qs.db
+        return qs, qs._db
+
     def _background_call(
         self,
         name: str,
@@ -253,12 +283,7 @@ class AsyncQuerySetMixin(QuerySet[_T]):
         """
         method: Callable[..., Any] = getattr(QuerySet, name)
         writes = getattr(method, "alters_data", False)
-        qs = self._chain()  # type: ignore[attr-defined]
-        qs._background = False
-        qs._result_cache = self._result_cache
-        qs._prefetch_done = self._prefetch_done
-        qs._for_write = qs._for_write or writes
-        db = qs._db = qs.db
+        qs, db = self._terminal_clone(writes)
         try:
             with _dry_run(db):
                 value = getattr(qs, name)(*args, **kwargs)
@@ -420,11 +445,8 @@ class AsyncQuerySetMixin(QuerySet[_T]):
 
     # -- asyncio: the same queryset, awaited on the pool ---------------------------
 
-    def __await__(self) -> Generator[Any, None, list[_T]]:
-        """``await qs``: the list of results, from a worker (or the started fetch)."""
-        return self._afetch().__await__()
-
     async def _afetch(self) -> list[_T]:
+        """``await qs``: the list of results, from a worker (or the started fetch)."""
         if self._result_cache is None:
             if self._fetch_job is None:
                 db = self.db
@@ -446,22 +468,10 @@ class AsyncQuerySetMixin(QuerySet[_T]):
             self._prefetch_done = True
         return self._result_cache
 
-    def __aiter__(self) -> AsyncIterator[_T]:
-        async def rows() -> AsyncIterator[_T]:
-            for row in await self:
-                yield row
-
-        return rows()
-
     async def _arun(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Django's ``name`` on a worker, awaited: the body of every ``a*`` method."""
         writes = getattr(getattr(QuerySet, name), "alters_data", False)
-        qs = self._chain()  # type: ignore[attr-defined]
-        qs._background = False
-        qs._result_cache = self._result_cache
-        qs._prefetch_done = self._prefetch_done
-        qs._for_write = qs._for_write or writes
-        db = qs._db = qs.db
+        qs, db = self._terminal_clone(writes)
         result = await aio.run(
             _call if writes else _read,
             qs,
@@ -588,14 +598,11 @@ def _fetch_raw(queryset: RawQuerySet) -> list[Any]:
     return list(queryset)
 
 
-class AsyncRawQuerySet(RawQuerySet):
+class AsyncRawQuerySet(_AwaitableRows, RawQuerySet):
     """An AsyncQuerySet's RawQuerySet: awaitable on the pool, no background mode."""
 
     def __repr__(self) -> str:
         return f"<RawQuerySet: {self.query}>"  # as Django's, which code compares
-
-    def __await__(self) -> Generator[Any, None, list[Any]]:
-        return self._afetch().__await__()
 
     async def _afetch(self) -> list[Any]:
         if self._result_cache is None:  # type: ignore[has-type]
@@ -608,13 +615,6 @@ class AsyncRawQuerySet(RawQuerySet):
             )
             self._prefetch_done = True
         return self._result_cache
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        async def rows() -> AsyncIterator[Any]:
-            for row in await self:
-                yield row
-
-        return rows()
 
     def run_async(self) -> None:
         raise AsynchrormousError(

@@ -139,14 +139,15 @@ async def test_concurrent_blocks_of_two_tasks_use_separate_connections(books, se
         pytest.skip("SQLite serialises write transactions")
     settings.ASYNCHRORMOUS = {"WORKERS": 3, "TIMEOUT": 10.0}
     both_inside = asyncio.Barrier(2)
+    both_counted = asyncio.Barrier(2)
 
     async def block(title):
         async with atomic():
             await Book.objects.acreate(title=title, author=books[0].author)
             await both_inside.wait()
-            return await session(), await Book.objects.filter(
-                title__in=["A", "B"]
-            ).acount()
+            seen = await Book.objects.filter(title__in=["A", "B"]).acount()
+            await both_counted.wait()  # neither commits before both have looked
+            return await session(), seen
 
     (first, seen_a), (second, seen_b) = await asyncio.gather(block("A"), block("B"))
     assert first != second
