@@ -8,11 +8,12 @@ where a result is used. Without it, the queryset is exactly Django's.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 from django.core.exceptions import EmptyResultSet, SynchronousOnlyOperation
-from django.db import connections
+from django.db import connections, router
 from django.db.models import Manager, Model, QuerySet
 from django.db.models.expressions import ResolvedOuterRef
 from django.db.models.query import RawQuerySet
@@ -625,5 +626,50 @@ class AsyncRawQuerySet(_AwaitableRows, RawQuerySet):
     start = run_async
 
 
+# Django's related managers define these as ``sync_to_async(self.<name>)``, which run
+# on one thread, one after another.
+_RELATED_WRITES = (
+    "create",
+    "get_or_create",
+    "update_or_create",
+    "add",
+    "remove",
+    "clear",
+    "set",
+)
+_RELATED_FACTORIES = (
+    "create_reverse_many_to_one_manager.",
+    "create_forward_many_to_many_manager.",
+)
+
+
+def _on_the_pool(name: str) -> Callable[..., Any]:
+    """``a<name>()`` of a related manager, running ``<name>()`` on the pool."""
+
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        instance = getattr(self, "instance", None)
+        return await aio.run(
+            functools.partial(getattr(self, name), *args, **kwargs),
+            alias=self._db or router.db_for_write(self.model, instance=instance),
+            writes=True,
+            description=f"{type(self).__name__}.a{name}()",
+        )
+
+    method.__name__ = method.__qualname__ = f"a{name}"
+    method.alters_data = True  # type: ignore[attr-defined]
+    return method
+
+
 class AsyncManager(Manager.from_queryset(AsyncQuerySet)):  # type: ignore[misc]
     """The manager to put on models: ``objects = AsyncManager()``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Django builds a model's related managers by subclassing its default
+        # manager: give them pool-backed writes too (only Django's own wrappers).
+        for name in _RELATED_WRITES:
+            method = cls.__dict__.get(f"a{name}")
+            if method is not None and method.__qualname__.startswith(
+                _RELATED_FACTORIES
+            ):
+                setattr(cls, f"a{name}", _on_the_pool(name))

@@ -285,3 +285,22 @@ def test_under_async_to_sync_inside_atomic_async_code_sees_the_blocks_rows(books
         assert [(j["thread"], j["inline"]) for j in jobs] == [(main, True)] * 2
         raise Rollback
     assert Book.objects.count() == 6
+
+
+async def test_related_managers_write_on_the_pool(books, jobs):
+    author = await Author.objects.aget(name="Ann")
+    created = await author.books.acreate(title="Related")
+    assert created.author_id == author.pk
+    obj, made = await author.books.aget_or_create(title="Related")
+    assert (obj, made) == (created, False)
+    tag = await Tag.objects.acreate(name="t")
+    await tag.books.aadd(created, books[0])
+    assert await tag.books.acount() == 2
+    await tag.books.aremove(books[0])
+    await tag.books.aset([books[1]])
+    assert [b.pk async for b in tag.books.all()] == [books[1].pk]
+    await tag.books.aclear()
+    assert await tag.books.acount() == 0
+    writes = [job for job in jobs if job["description"].startswith(("Related", "Many"))]
+    assert len(writes) == 6
+    assert all(job["thread"].startswith("asynchrormous-") for job in writes)
