@@ -29,7 +29,7 @@ if DB in ("sqlite", "sqlite-memory"):
     if DB == "sqlite-memory":
         # Django's own default: an in-memory, shared-cache test database.
         del DATABASES["default"]["TEST"]
-elif DB == "postgres":
+elif DB in ("postgres", "postgres-pool"):
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.postgresql",
@@ -40,6 +40,9 @@ elif DB == "postgres":
             "TEST": {"NAME": f"test_asynchrormous_{SUFFIX}"},
         }
     }
+    if DB == "postgres-pool":
+        # Django's own psycopg connection pool (OPTIONS["pool"]), under the workers.
+        DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 0, "max_size": 8}}
 elif DB == "mariadb":
     DATABASES = {
         "default": {
@@ -54,7 +57,8 @@ elif DB == "mariadb":
     }
 else:
     raise RuntimeError(
-        "ASYNCHRORMOUS_TEST_DB must be sqlite, sqlite-memory, postgres or mariadb, "
+        "ASYNCHRORMOUS_TEST_DB must be sqlite, sqlite-memory, postgres, postgres-pool "
+        "or mariadb, "
         f"not {DB!r}"
     )
 
