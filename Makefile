@@ -11,7 +11,7 @@ TOX_PARALLEL ?= 2
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)
 export PATH := $(PATH)$(foreach d,$(wildcard $(PYENV_ROOT)/versions/3.1[23].*/bin),:$(d))
 
-.PHONY: test lint demo
+.PHONY: test lint demo bench
 
 test: $(TOX)
 	$(TOX) run-parallel --parallel $(TOX_PARALLEL) --parallel-no-spinner
@@ -45,3 +45,18 @@ $(TOX): Makefile
 	rm -rf $(TOOLS)
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet 'tox>=4.20,<5'
+
+# Benchmarks (issue #8): their own virtualenvs (.venv-bench here; run.py makes
+# .venv-bench-d with Python 3.12+ and Django 6.1 for django-async-backend) and their
+# own PostgreSQL database. Writes benchmarks/RESULTS.md and benchmarks/results.png;
+# run it on a quiet machine (see `uptime`). BENCH_ARGS=--quick for a short try.
+BENCH := .venv-bench
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/run.py $(BENCH_ARGS)
+
+$(BENCH)/.installed: pyproject.toml
+	rm -rf $(BENCH)
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/pip install --quiet -e '.[postgres]' matplotlib py-spy
+	touch $@
