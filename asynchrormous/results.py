@@ -30,6 +30,7 @@ __all__ = [
     "LazyObjectResult",
     "await_job",
     "cancel",
+    "is_background_queryset",
     "is_ready",
     "job_of",
     "lazy_result",
@@ -438,7 +439,8 @@ class BackgroundEvaluable(Protocol):
     def start(self) -> Any: ...
 
 
-def _is_background_queryset(value: Any) -> bool:
+def is_background_queryset(value: Any) -> bool:
+    """Whether ``value`` is an AsyncQuerySet (looked up on its type: proxies stay lazy)."""
     return issubclass(type(value), BackgroundEvaluable)
 
 
@@ -450,7 +452,7 @@ def job_of(value: Any) -> Job | None:
         return value.__dict__["_job"]
     if issubclass(kind, Promise):
         return vars(value).get("_job")
-    if _is_background_queryset(value):
+    if is_background_queryset(value):
         return value._background_job()
     return None
 
@@ -463,7 +465,7 @@ def resolve(value: T, timeout: float | None = DEFAULT) -> T:
     Raises:
         ResultTimeout, Cancelled, or the exception the background job raised.
     """
-    if _is_background_queryset(value):
+    if is_background_queryset(value):
         value._resolve_background(_timeout(timeout))  # type: ignore[attr-defined]
         return value
     job = job_of(value)
@@ -494,7 +496,7 @@ def wait(*values: Any, timeout: float | None = DEFAULT) -> None:
     """
     futures = []
     for value in values:
-        if _is_background_queryset(value) and value._background_job() is None:
+        if is_background_queryset(value) and value._background_job() is None:
             value.start()
         job = job_of(value)
         if job is not None:
@@ -507,7 +509,7 @@ def is_ready(value: Any) -> bool:
     job = job_of(value)
     if job is not None:
         return job.done()
-    if _is_background_queryset(value):
+    if is_background_queryset(value):
         return getattr(value, "_result_cache", None) is not None
     return True
 

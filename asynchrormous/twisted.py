@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
 
-from .results import BackgroundEvaluable, Job, job_of
+from .results import Job, is_background_queryset, job_of
 
 __all__ = ["deferred"]
 
@@ -25,7 +25,7 @@ def deferred(value: Any) -> defer.Deferred[Any]:
     errback with the worker's exception. Call it from the reactor thread.
     """
     result: defer.Deferred[Any] = defer.Deferred()
-    if issubclass(type(value), BackgroundEvaluable):
+    if is_background_queryset(value):
         queryset = value.start()
         job = job_of(queryset)
         if job is None:  # already evaluated: nothing to wait for
