@@ -440,7 +440,7 @@ class BackgroundEvaluable(Protocol):
 
 
 def is_background_queryset(value: Any) -> bool:
-    """Whether ``value`` is an AsyncQuerySet (looked up on its type: proxies stay lazy)."""
+    """Whether ``value`` is an AsyncQuerySet; reads its type only: proxies stay lazy."""
     return issubclass(type(value), BackgroundEvaluable)
 
 
