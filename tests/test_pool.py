@@ -271,3 +271,37 @@ def test_instrumentation_leaves_wrappers_that_a_job_adds(books, settings, jobs):
     assert [w for w in left if w is marker] == [marker]
     # Only the recorder of the job that is running now, none left over.
     assert len([w for w in left if getattr(w, "__name__", "") == "record"]) == 1
+
+
+@not_shared_cache
+def test_concurrent_background_writes_from_many_callers_all_land(books, settings):
+    """With the recommended SQLite OPTIONS (busy timeout, WAL): no 'database locked'."""
+    settings.ASYNCHRORMOUS = {"WORKERS": 4, "TIMEOUT": 30.0}
+    author = books[0].author
+    errors = []
+
+    def caller(n):
+        try:
+            made = [
+                Book.objects.run_async().create(title=f"W{n}-{i}", author=author)
+                for i in range(10)
+            ]
+            updated = Book.objects.run_async().filter(title__startswith=f"W{n}-")
+            assert updated.update(pages=n) == 10  # after this caller's own creates
+            for obj in made:
+                resolve(obj)
+        except Exception as exc:  # reported below, with the thread's own traceback
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert Book.objects.filter(title__startswith="W").count() == 40
+    assert sorted(
+        set(Book.objects.filter(title__startswith="W").values_list("pages", flat=True))
+    ) == [0, 1, 2, 3]
