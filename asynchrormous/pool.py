@@ -247,7 +247,7 @@ class Pin:
         self.alias = alias
         self.task = task
         self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
-        self.served = pool.submit(self._serve)
+        pool.submit(self._serve)
 
     def _serve(self) -> None:
         while (item := self._queue.get()) is not None:
