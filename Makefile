@@ -11,14 +11,46 @@ TOX_PARALLEL ?= 2
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)
 export PATH := $(PATH)$(foreach d,$(wildcard $(PYENV_ROOT)/versions/3.1[23].*/bin),:$(d))
 
-.PHONY: test lint demo bench
+.PHONY: test lint sysdeps demo bench
 
-test: $(TOX)
+# sysdeps first, so a missing system package stops make before it builds anything.
+test: sysdeps $(TOX)
 	$(TOX) run-parallel --parallel $(TOX_PARALLEL) --parallel-no-spinner
 	$(TOX) run -e django-suite-sqlite,django-suite-postgres
 
-lint: $(TOX)
+lint: sysdeps $(TOX)
 	$(TOX) run -e lint
+
+# mysqlclient (the mariadb env, and lint through the dev extra) has no Linux wheel, so pip
+# builds it, and its setup.py finds the client library only through pkg-config, under one
+# of the names below. Without them that build fails minutes into `make test`, so check
+# here: install them when this can (root with apt-get, as in CI), otherwise stop and say
+# what to install. SYSDEPS_INSTALL=no never installs, only checks.
+SYSDEPS_DEB := libmariadb-dev pkg-config
+MYSQLCLIENT_PC := mysqlclient mariadb libmariadb perconaserverclient
+SYSDEPS_INSTALL ?= auto
+have_pkg_config = command -v pkg-config >/dev/null
+have_mysqlclient_pc = { $(foreach n,$(MYSQLCLIENT_PC),pkg-config --exists $(n) ||) false; }
+have_sysdeps = $(have_pkg_config) && $(have_mysqlclient_pc)
+
+sysdeps:
+	@$(have_sysdeps) && exit 0; \
+	if [ "$(SYSDEPS_INSTALL)" != no ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing $(SYSDEPS_DEB): mysqlclient builds against them"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSDEPS_DEB); } || exit 1; \
+		$(have_sysdeps) && exit 0; \
+		echo "make sysdeps: installed $(SYSDEPS_DEB), but pkg-config still finds none of: $(MYSQLCLIENT_PC)" >&2; \
+		exit 1; \
+	fi; \
+	if $(have_pkg_config); then missing="the MariaDB/MySQL client headers (pkg-config finds none of: $(MYSQLCLIENT_PC))"; \
+	else missing="pkg-config (so the headers were not looked for)"; fi; \
+	echo "make sysdeps: mysqlclient needs the MariaDB/MySQL client headers and pkg-config;" >&2; \
+	echo "missing: $$missing. Install them, then run make again:" >&2; \
+	echo "  Debian/Ubuntu:  sudo apt-get install $(SYSDEPS_DEB)" >&2; \
+	echo "  Fedora/Red Hat: sudo dnf install mysql-devel pkgconfig" >&2; \
+	echo "  macOS:          brew install mysql pkg-config" >&2; \
+	echo "(make installs the Debian packages itself when run as root where apt-get exists.)" >&2; \
+	exit 1
 
 # The example project (example_project/README.md) on http://$(DEMO_HOST):$(DEMO_PORT)/,
 # from its own venv: migrates, generates the sample catalogue unless it is there, serves
