@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import functools
 import logging
 import os
 import queue
@@ -21,12 +22,15 @@ from typing import Any, ParamSpec, TypeVar
 
 from django.core.signals import setting_changed
 from django.db import InterfaceError, OperationalError, connections
+from django.db.backends.base.creation import BaseDatabaseCreation
 from django.db.transaction import TransactionManagementError
+from django.dispatch import receiver
 
 from .conf import Settings, get_settings
 
 __all__ = [
     "Pin",
+    "PoolClosed",
     "WorkItem",
     "WorkerPool",
     "get_pool",
@@ -42,6 +46,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _worker_state = threading.local()
+
+#: ``shutdown()``'s default timeout: the TIMEOUT setting.
+DEFAULT_TIMEOUT: Any = object()
 
 
 def in_worker() -> bool:
@@ -68,8 +75,26 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
 
 
+try:  # asgiref >= 3.12 tags a Local's storage with the thread that owns it.
+    from asgiref.local import _rehome, _Storage
+except ImportError:  # older asgiref: a Local is a plain contextvar
+    _Storage = None  # type: ignore[assignment,misc]
+
+
+def _adopt_locals(context: contextvars.Context) -> None:
+    """Make the caller's asgiref ``Local`` values (active time zone, language) ours.
+
+    asgiref hides a Local's storage from threads it did not move it to, so in a
+    worker ``timezone.override()`` would not hold; asgiref's own thread hops re-home
+    the storage the same way.
+    """
+    for var, value in context.items():
+        if isinstance(value, _Storage):
+            var.set(_rehome(value))
+
+
 class WorkItem:
-    __slots__ = ("args", "context", "fn", "future", "kwargs")
+    __slots__ = ("args", "context", "fn", "future", "kwargs", "writes")
 
     def __init__(
         self,
@@ -77,11 +102,13 @@ class WorkItem:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        writes: bool = False,
     ) -> None:
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
+        self.writes = writes
         # The job sees the submitter's contextvars (tenant ids, logging context).
         self.context = contextvars.copy_context()
 
@@ -89,13 +116,18 @@ class WorkItem:
         if not self.future.set_running_or_notify_cancel():
             return
         try:
-            result = self.context.run(self.fn, *self.args, **self.kwargs)
+            result = self.context.run(self._call)
         except BaseException as exc:
             self.future.set_exception(exc)
             # Break the cycle exception -> traceback -> frame -> self.
             del exc
         else:
             self.future.set_result(result)
+
+    def _call(self) -> Any:
+        if _Storage is not None:
+            _adopt_locals(self.context)
+        return self.fn(*self.args, **self.kwargs)
 
 
 class _ConnectionKeeper:
@@ -113,7 +145,16 @@ class _ConnectionKeeper:
         # Drops a connection whose job left it broken, in a transaction, or too old.
         for conn in connections.all(initialized_only=True):
             if conn.connection is not None:
-                conn.close_if_unusable_or_obsolete()
+                try:
+                    conn.close_if_unusable_or_obsolete()
+                except Exception:
+                    # The job will open a new one, or fail with the reason itself.
+                    logger.warning(
+                        "could not check the worker's connection to %r; replacing it",
+                        conn.alias,
+                        exc_info=True,
+                    )
+                    self._discard(conn)
 
     def after_job(self) -> None:
         for conn in connections.all(initialized_only=True):
@@ -127,8 +168,24 @@ class _ConnectionKeeper:
                 )
 
     def close_all(self) -> None:
-        connections.close_all()
+        for conn in connections.all(initialized_only=True):
+            try:
+                conn.close()
+            except Exception:
+                logger.warning(
+                    "could not close the worker's connection to %r",
+                    conn.alias,
+                    exc_info=True,
+                )
+                self._discard(conn)
         self.known.clear()
+
+    def _discard(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:
+            conn.connection = None  # unusable anyway: the next job opens a new one
+        self.known.pop(conn.alias, None)
 
 
 def _worker(
@@ -157,10 +214,17 @@ def _worker(
                 pool._idle.release()
             del pool
     except BaseException:
-        logger.critical("asynchrormous worker crashed", exc_info=True)
+        logger.critical("asynchrormous worker crashed; replacing it", exc_info=True)
         raise
     finally:
         keeper.close_all()
+        pool = pool_ref()
+        if pool is not None:
+            pool._worker_exited(threading.current_thread())
+
+
+class PoolClosed(RuntimeError):
+    """The pool was shut down: a new one takes the work."""
 
 
 class WorkerPool(Executor):
@@ -180,13 +244,21 @@ class WorkerPool(Executor):
     def submit(
         self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> Future[T]:
+        return self._put(WorkItem(Future(), fn, args, kwargs))
+
+    def submit_job(
+        self, fn: Callable[..., T], args: tuple[Any, ...], *, writes: bool
+    ) -> Future[T]:
+        """``submit(fn, *args)``; a write is run to its end by ``shutdown()``."""
+        return self._put(WorkItem(Future(), fn, args, {}, writes))
+
+    def _put(self, item: WorkItem) -> Future[Any]:
         with self._lock:
             if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            future: Future[T] = Future()
-            self._queue.put(WorkItem(future, fn, args, kwargs))
+                raise PoolClosed("cannot schedule new futures after shutdown")
+            self._queue.put(item)
             self._adjust_thread_count()
-            return future
+            return item.future
 
     def _adjust_thread_count(self) -> None:
         if self._idle.acquire(timeout=0):
@@ -201,6 +273,13 @@ class WorkerPool(Executor):
             thread.start()
             self._threads.add(thread)
 
+    def _worker_exited(self, thread: threading.Thread) -> None:
+        """A worker left its loop: if the pool still runs, another takes its place."""
+        with self._lock:
+            self._threads.discard(thread)
+            if not self._shutdown:
+                self._adjust_thread_count()
+
     def shutdown(
         self,
         wait: bool = True,
@@ -208,31 +287,58 @@ class WorkerPool(Executor):
         cancel_futures: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Stop the workers; each closes its connections on the way out."""
+        """Stop the workers; each closes its connections on the way out.
+
+        Queued writes still run (a submitted write lands or is reported); with
+        ``cancel_futures``, queued reads are cancelled. What is still queued when
+        ``timeout`` runs out is cancelled, and each write among it logged.
+        """
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
+                kept = []
+                for item in self._drain():
+                    if item.writes:
+                        kept.append(item)
+                    else:
                         item.future.cancel()
-            for _ in self._threads:
+                for item in kept:
+                    self._queue.put(item)
+            threads = list(self._threads)
+            for _ in threads:
                 self._queue.put(None)
-        if wait:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            for thread in self._threads:
-                remaining = (
-                    None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not wait:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            remaining = (
+                None if deadline is None else max(0.0, deadline - time.monotonic())
+            )
+            thread.join(remaining)
+        for item in self._drain():
+            if item.future.cancel() and item.writes:
+                logger.error(
+                    "background write %r dropped: shutdown() timed out after %s s "
+                    "before a worker ran it",
+                    item.fn,
+                    timeout,
                 )
-                thread.join(remaining)
-                if thread.is_alive():
-                    logger.warning(
-                        "asynchrormous worker %s still running after shutdown",
-                        thread.name,
-                    )
+        for thread in threads:
+            if thread.is_alive():
+                logger.warning(
+                    "asynchrormous worker %s still running after shutdown",
+                    thread.name,
+                )
+
+    def _drain(self) -> list[WorkItem]:
+        items: list[WorkItem] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return items
+            if item is not None:
+                items.append(item)
 
 
 class Pin:
@@ -305,22 +411,28 @@ def get_pool() -> WorkerPool:
     return pool
 
 
-def shutdown(wait: bool = True, timeout: float | None = 30.0) -> None:
+def shutdown(wait: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> None:
     """Stop the pool and close every worker connection; the next job starts a new pool.
+
+    Queued writes run to completion first; queued reads are cancelled (using one
+    raises ``Cancelled``).
 
     Args:
         wait: block until the workers have exited (and closed their connections).
-        timeout: at most this many seconds of waiting; a worker still inside a
-            long statement is then left to finish on its own.
+        timeout: at most this many seconds of waiting (default: the TIMEOUT
+            setting); a worker still inside a long statement is then left to
+            finish on its own, and writes no worker started are dropped, logged.
     """
     global _pool
     with _pool_lock:
         pool, _pool = _pool, None
     if pool is not None:
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = pool.settings.timeout
         pool.shutdown(wait=wait, cancel_futures=True, timeout=timeout)
 
 
-@setting_changed.connect
+@receiver(setting_changed)
 def _restart_on_setting_change(*, setting: str, **kwargs: Any) -> None:
     if setting == "ASYNCHRORMOUS":
         shutdown()
@@ -340,5 +452,18 @@ def _after_fork_in_child() -> None:
     _pool_lock = threading.Lock()
 
 
+def _shut_down_before(destroy_test_db: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(destroy_test_db)
+    def destroy(self: BaseDatabaseCreation, *args: Any, **kwargs: Any) -> T:
+        shutdown()  # the workers' sessions would keep the database from being dropped
+        return destroy_test_db(self, *args, **kwargs)
+
+    return destroy
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(shutdown)
+# Test runners (Django's, pytest-django) destroy test databases this way.
+BaseDatabaseCreation.destroy_test_db = _shut_down_before(  # type: ignore[method-assign]
+    BaseDatabaseCreation.destroy_test_db
+)

@@ -7,8 +7,10 @@ where a result is used. Without it, the queryset is exactly Django's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
@@ -18,67 +20,28 @@ from django.db.models import Manager, Model, QuerySet
 from django.db.models.expressions import ResolvedOuterRef
 from django.db.models.query import RawQuerySet
 from django.db.models.sql import Query
-from django.db.models.sql.compiler import SQLCompiler
 from django.db.models.sql.where import WhereNode
 
 from . import aio
-from .exceptions import AsynchrormousError
+from .calls import Deferred, dry_run, frozen
+from .exceptions import AsynchrormousError, ResultTimeout
 from .pool import read_with_reconnect
-from .results import DEFAULT, Job, lazy_result, submit
+from .results import DEFAULT, Job, await_job, lazy_result, submit
 
 __all__ = ["AsyncManager", "AsyncQuerySet", "AsyncQuerySetMixin", "AsyncRawQuerySet"]
 
 _T = TypeVar("_T", bound=Model)
 
+# Terminals that write; after update() and delete() Django drops the result cache.
+_WRITES = frozenset(
+    name
+    for name, attr in vars(QuerySet).items()
+    if getattr(attr, "alters_data", False) and not name.startswith(("a", "_"))
+)
+_INVALIDATING = frozenset({"update", "delete"})
 
-class _Deferred(BaseException):
-    """Raised by a dry-run compiler instead of sending SQL: the rest is database work.
-
-    A BaseException so that Django's ``except Exception`` cleanup (such as
-    ``mark_for_rollback_on_error``) does not take it for a database error.
-    """
-
-
-def _compile_then_defer(self: SQLCompiler, *args: Any, **kwargs: Any) -> Any:
-    try:
-        self.as_sql()
-    except EmptyResultSet:
-        pass
-    raise _Deferred
-
-
-_dry_run_compilers: dict[type, type] = {}
-
-
-def _dry_run_compiler(compiler: type) -> type:
-    try:
-        return _dry_run_compilers[compiler]
-    except KeyError:
-        dry = type(f"DryRun{compiler.__name__}", (compiler,), {})
-        dry.execute_sql = _compile_then_defer  # type: ignore[attr-defined]
-        return _dry_run_compilers.setdefault(compiler, dry)
-
-
-@contextlib.contextmanager
-def _dry_run(alias: str) -> Iterator[None]:
-    """Run Django's own code up to the first statement it would send on ``alias``.
-
-    Everything Django checks first (lookups, arguments, SQL compilation) raises here,
-    on the caller's thread, with Django's types and messages. Only the caller's own
-    connection wrapper is touched, and no statement reaches the database.
-    """
-    conn = connections[alias]
-    ops = conn.ops
-    compiler = ops.compiler
-    needs_rollback = conn.needs_rollback
-    ops.compiler = lambda name: _dry_run_compiler(compiler(name))  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        del ops.compiler
-        # An atomic(savepoint=False) unwound by _Deferred must not doom the caller's
-        # own transaction when work runs inline.
-        conn.needs_rollback = needs_rollback
+# Guards a queryset's pending fetch when threads share the queryset.
+_fetch_lock = threading.Lock()
 
 
 def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
@@ -117,6 +80,13 @@ def _refers_to_outer_query(query: Query) -> bool:
     return any(isinstance(e, ResolvedOuterRef) for e in _expressions(query))
 
 
+def _encode(prepared: Any) -> None:
+    """Encode a value psycopg would encode only while sending it (JSON's Jsonb)."""
+    dumps = getattr(prepared, "dumps", None)
+    if callable(dumps) and hasattr(prepared, "obj"):
+        dumps(prepared.obj)
+
+
 def _save_new(obj: Any, using: str) -> Any:
     obj.save(force_insert=True, using=using)
     return obj
@@ -149,30 +119,49 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     # -- Entering background mode ------------------------------------------------
 
     def run_async(self) -> AsyncQuerySetMixin[_T]:
-        """A clone in background mode; it runs nothing until it is started or used."""
-        if self._result_cache is not None:
-            raise AsynchrormousError(
-                "run_async() was called on a QuerySet that is already evaluated; call "
-                "it before iterating, or on .all() to query again."
-            )
+        """A clone in background mode; it runs nothing until it is started or used.
+
+        Of an evaluated queryset (a prefetched related manager's, say) the clone
+        answers from the same result cache, as the queryset itself would.
+        """
         clone = self._chain()  # type: ignore[attr-defined]
         clone._background = True
+        clone._result_cache = self._result_cache
+        clone._prefetch_done = self._prefetch_done
         return clone
 
     def start(self) -> AsyncQuerySetMixin[_T]:
         """Put this queryset in background mode and submit its fetch now; idempotent."""
-        if self._result_cache is None and self._fetch_job is None:
-            self._background = True
-            self._submit_fetch()
+        self._background = True
+        self._started_fetch()
         return self
 
-    def _submit_fetch(self) -> None:
+    def _started_fetch(self) -> Job | None:
+        """The pending fetch of this queryset, submitted now if there is none yet.
+
+        None when the result cache is filled. Threads that share one queryset use
+        the fetch one of them started; two that start it at the same moment may
+        both query, as two threads evaluating one Django queryset do.
+        """
+        job = self._fetch_job
+        if job is not None or self._result_cache is not None:
+            return job
+        job = self._submit_fetch()  # not under the lock: it may run inline
+        with _fetch_lock:
+            if self._result_cache is not None:
+                return None
+            if self._fetch_job is None:
+                self._fetch_job = job
+            return self._fetch_job
+
+    def _submit_fetch(self) -> Job:
         db = self.db
+        connections[db].validate_no_broken_transaction()
         # Compile on the caller: a bad query raises here, not where it is used. From
         # async code, a compilation needing the server's version is left to the worker.
         with contextlib.suppress(EmptyResultSet, SynchronousOnlyOperation):
             self.query.get_compiler(using=db).as_sql()
-        self._fetch_job = submit(
+        return submit(
             _fetch,
             self._fetch_clone(db),
             alias=db,
@@ -187,17 +176,27 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         clone._db = db  # type: ignore[attr-defined]
         return clone
 
-    def _collect_fetch(self, timeout: float | None = DEFAULT) -> None:
-        job = self._fetch_job
-        assert job is not None
+    def _collect_fetch(self, job: Job, timeout: float | None = DEFAULT) -> None:
         try:
-            self._result_cache = job.result(timeout)
+            rows = job.result(timeout)
+        except ResultTimeout:
+            raise  # the fetch goes on: the next use waits for the same one
         except BaseException:
             # As in Django, a failed evaluation is retried on the next use.
-            self._fetch_job = None
+            self._forget_fetch(job)
             raise
+        self._fetched(job, rows)
+
+    def _fetched(self, job: Job, rows: list[Any]) -> None:
+        self._result_cache = rows
         self._prefetch_done = True
-        self._fetch_job = None
+        self._forget_fetch(job)
+
+    def _forget_fetch(self, job: Job | None = None) -> None:
+        """Drop the pending fetch (``job``, if it is still this queryset's)."""
+        with _fetch_lock:
+            if job is None or self._fetch_job is job:
+                self._fetch_job = None
 
     def _describe(self, method: str | None = None) -> str:
         name = f"{self.model.__name__} queryset" if self.model else "queryset"
@@ -209,18 +208,18 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         return self._fetch_job
 
     def _resolve_background(self, timeout: float | None) -> None:
-        if self._result_cache is None:
-            if self._fetch_job is None:
-                self.start()
-            self._collect_fetch(timeout)
+        self._background = True
+        job = self._started_fetch()
+        if job is not None:
+            self._collect_fetch(job, timeout)
 
     # -- Django's evaluation points ----------------------------------------------
 
     def _fetch_all(self) -> None:
         if self._result_cache is None and (self._background or self._fetch_job):
-            if self._fetch_job is None:
-                self._submit_fetch()
-            self._collect_fetch()
+            job = self._started_fetch()
+            if job is not None:
+                self._collect_fetch(job)
         super()._fetch_all()
 
     def _clone(self) -> AsyncQuerySetMixin[_T]:
@@ -229,9 +228,10 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         return clone
 
     def __getitem__(self, k: Any) -> Any:
-        if self._fetch_job is not None and self._result_cache is None:
+        job = self._fetch_job
+        if job is not None and self._result_cache is None:
             # Integer indexes and slices answer from the started fetch.
-            self._collect_fetch()
+            self._collect_fetch(job)
         result = super().__getitem__(k)
         if (
             self._background
@@ -278,30 +278,36 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     ) -> Any:
         """Run terminal ``name`` with Django's checks now and its database work later.
 
-        Django's method first runs on a clone up to its first statement (see
-        ``_dry_run``); if it answers without one (a filled result cache), that is the
-        value. Otherwise the same call is submitted, and a lazy result returned.
+        The arguments are frozen (iterators made lists) so that both runs below see
+        the same values. Django's own method first runs on a plain-QuerySet clone up
+        to its first statement (see ``calls.dry_run``); if it answers without one (a
+        filled result cache), that is the value. Otherwise the method after this
+        mixin in the class's MRO is submitted: an override above the mixin, which
+        called us through ``super()``, has already run, once, here.
         """
-        method: Callable[..., Any] = getattr(QuerySet, name)
-        writes = getattr(method, "alters_data", False)
+        writes = name in _WRITES
+        args, kwargs = frozen(args), frozen(kwargs)
         qs, db = self._terminal_clone(writes)
+        own_class = qs.__class__
+        # Django's code only: no user override runs twice.
+        qs.__class__ = QuerySet
         try:
-            with _dry_run(db):
+            with dry_run(db):
                 value = getattr(qs, name)(*args, **kwargs)
-        except (_Deferred, SynchronousOnlyOperation):
+        except (Deferred, SynchronousOnlyOperation):
             # SynchronousOnlyOperation: called from async code, Django wanted the
             # server's version first; the worker will do those checks.
             pass
         else:
             return value
+        finally:
+            qs.__class__ = own_class
         qs._result_cache = None
-        if writes:
-            # As Django does after update() and delete(): the cache may be stale.
-            self._result_cache = None
+        if name in _INVALIDATING:
+            self._invalidate()
         job = submit(
             _call if writes else _read,
-            qs,
-            name,
+            getattr(super(AsyncQuerySetMixin, qs), name),
             args,
             kwargs,
             alias=db,
@@ -310,24 +316,37 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         )
         return lazy_result(job, resultclass)
 
-    def _derived(self, transform: Callable[[list[Any]], Any], name: str) -> Any:
+    def _invalidate(self) -> None:
+        """What Django does after update() and delete(): the rows may be stale.
+
+        A pending fetch is stale too: the next use fetches again, after the write.
+        """
+        self._result_cache = None
+        job = self._fetch_job
+        if job is not None:
+            job.abandon()
+            self._forget_fetch(job)
+
+    def _derived(
+        self, transform: Callable[[list[Any]], Any], resultclass: type, name: str
+    ) -> Any:
         """A lazy result computed from this queryset's started fetch."""
-        assert self._fetch_job is not None
-        return self._fetch_job.derive(transform, self._describe(name))
+        job = self._fetch_job
+        if job is None or self._result_cache is not None:
+            return None
+        return lazy_result(job.derive(transform, self._describe(name)), resultclass)
 
     def count(self) -> int:
         if not self._background:
             return super().count()
-        if self._fetch_job is not None and self._result_cache is None:
-            return lazy_result(self._derived(len, "count"), int)
-        return self._background_call("count", int)
+        derived = self._derived(len, int, "count")
+        return self._background_call("count", int) if derived is None else derived
 
     def exists(self) -> bool:
         if not self._background:
             return super().exists()
-        if self._fetch_job is not None and self._result_cache is None:
-            return lazy_result(self._derived(bool, "exists"), bool)
-        return self._background_call("exists", bool)
+        derived = self._derived(bool, bool, "exists")
+        return self._background_call("exists", bool) if derived is None else derived
 
     def contains(self, obj: Any) -> bool:
         if not self._background:
@@ -342,8 +361,6 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     def in_bulk(self, id_list: Any = None, *, field_name: str = "pk") -> dict[Any, _T]:
         if not self._background:
             return super().in_bulk(id_list, field_name=field_name)
-        if id_list is not None:
-            id_list = tuple(id_list)  # the dry run must not use up an iterator
         return self._background_call("in_bulk", dict, id_list, field_name=field_name)
 
     def get(self, *args: Any, **kwargs: Any) -> _T:
@@ -386,17 +403,23 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         )
         if reverse_one_to_one:
             super().create(**kwargs)  # raises Django's own ValueError
-        obj = self.model(**kwargs)
-        for field in obj._meta.local_concrete_fields:
-            # Django's own value checks ("Field 'pages' expected a number but got
-            # ...") run while it compiles the INSERT: run them here, at the call.
-            if field.generated:
-                continue  # computed by the database, not sent
-            value = field.value_from_object(obj)
-            if not hasattr(value, "resolve_expression"):
-                field.get_prep_value(value)
-        self._for_write = True
+        kwargs = frozen(kwargs)
         db = self.db
+        connection = connections[db]
+        connection.validate_no_broken_transaction()
+        obj: Any = self.model(**kwargs)
+        # What Django checks while it prepares the INSERT, checked here, at the call:
+        # unsaved related objects, and each value as the field sends it ("Field
+        # 'pages' expected a number but got ...", a JSON value json cannot encode).
+        obj._prepare_related_fields_for_save(operation_name="save")
+        with contextlib.suppress(SynchronousOnlyOperation):
+            for field in obj._meta.concrete_fields:
+                if field.generated:
+                    continue  # computed by the database, not sent
+                value = field.value_from_object(obj)
+                if not hasattr(value, "resolve_expression"):
+                    _encode(field.get_db_prep_save(value, connection))
+        self._for_write = True
         job = submit(
             _save_new,
             obj,
@@ -424,12 +447,12 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     def bulk_create(self, objs: Any, *args: Any, **kwargs: Any) -> list[_T]:
         if not self._background:
             return super().bulk_create(objs, *args, **kwargs)
-        return self._background_call("bulk_create", list, list(objs), *args, **kwargs)
+        return self._background_call("bulk_create", list, objs, *args, **kwargs)
 
     def bulk_update(self, objs: Any, fields: Any, batch_size: int | None = None) -> int:
         if not self._background:
             return super().bulk_update(objs, fields, batch_size)
-        return self._background_call("bulk_update", int, list(objs), fields, batch_size)
+        return self._background_call("bulk_update", int, objs, fields, batch_size)
 
     def update(self, **kwargs: Any) -> int:
         if not self._background:
@@ -461,30 +484,31 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
                 self._prefetch_done = True
                 return self._result_cache
             job = self._fetch_job
-            assert job is not None
             try:
-                self._result_cache = await aio.await_job(job)
-            finally:
-                self._fetch_job = None  # as in Django, a failed fetch is retried
-            self._prefetch_done = True
-        return self._result_cache
+                rows = await await_job(job, owned=False)
+            except (ResultTimeout, asyncio.CancelledError):
+                raise  # the fetch goes on: the next use waits for the same one
+            except BaseException:
+                self._forget_fetch(job)  # as in Django, a failed fetch is retried
+                raise
+            self._fetched(job, rows)
+        return self._result_cache  # type: ignore[return-value]
 
     async def _arun(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Django's ``name`` on a worker, awaited: the body of every ``a*`` method."""
-        writes = getattr(getattr(QuerySet, name), "alters_data", False)
+        writes = name in _WRITES
         qs, db = self._terminal_clone(writes)
         result = await aio.run(
             _call if writes else _read,
-            qs,
-            name,
+            getattr(qs, name),  # as Django's a* methods: overrides included
             args,
             kwargs,
             alias=db,
             writes=writes,
             description=self._describe("a" + name),
         )
-        if writes:
-            self._result_cache = None  # as Django's update() and delete() do
+        if name in _INVALIDATING:
+            self._invalidate()
         return result
 
     async def acount(self) -> int:
@@ -583,12 +607,12 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         return raw  # type: ignore[return-value]
 
 
-def _call(queryset: QuerySet[Any], name: str, args: Any, kwargs: Any) -> Any:
-    return getattr(queryset, name)(*args, **kwargs)
+def _call(method: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    return method(*args, **kwargs)
 
 
-def _read(queryset: QuerySet[Any], name: str, args: Any, kwargs: Any) -> Any:
-    return read_with_reconnect(queryset.db, _call, queryset, name, args, kwargs)
+def _read(method: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    return read_with_reconnect(method.__self__.db, _call, method, args, kwargs)  # type: ignore[attr-defined]
 
 
 class AsyncQuerySet(AsyncQuerySetMixin[_T]):

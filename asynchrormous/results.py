@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import copy
 import logging
+import os
 import threading
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -22,7 +24,7 @@ from django.utils.functional import Promise, SimpleLazyObject, lazy
 
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
-from .pool import get_pool, in_worker, pinned
+from .pool import PoolClosed, get_pool, in_worker, pinned
 from .signals import instrumented, job_finished
 
 __all__ = [
@@ -55,13 +57,19 @@ def _timeout(timeout: float | None) -> float | None:
 
 
 class Job:
-    """One background evaluation: its Future, its name, whether its outcome was seen."""
+    """One background evaluation: its Future, its name, whether its outcome was seen.
+
+    Jobs derived from one another (``count()`` of a started fetch) share one
+    Future, and one record of whether its outcome was seen: an exception raised to
+    any of them is not reported again. One nobody saw is logged once, when the
+    last of them is gone, or when the job ends if that is later (as asyncio logs
+    "exception was never retrieved").
+    """
 
     __slots__ = (
         "__weakref__",
         "description",
         "future",
-        "observed",
         "running",
         "transform",
     )
@@ -77,11 +85,24 @@ class Job:
         self.description = description
         self.transform = transform
         self.running = running
-        self.observed = False
+        with _handles_lock:
+            future.handles = getattr(future, "handles", 0) + 1  # type: ignore[attr-defined]
+
+    @property
+    def observed(self) -> bool:
+        return getattr(self.future, "observed", False)
+
+    @observed.setter
+    def observed(self, value: bool) -> None:
+        self.future.observed = value  # type: ignore[attr-defined]
 
     def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
         """A job whose value is ``transform(this job's value)``: count() of a fetch."""
         return Job(self.future, description, transform, self.running)
+
+    def abandon(self) -> None:
+        """Nobody will use this job's outcome (a write made its rows stale)."""
+        self.observed = True
 
     def done(self) -> bool:
         return self.future.done()
@@ -91,12 +112,14 @@ class Job:
 
         Raises:
             ResultTimeout: not ready within ``timeout`` (default: the TIMEOUT setting).
+                The job goes on; the next call waits for the same job.
             Cancelled: the job was cancelled before it ran.
         """
         timeout = _timeout(timeout)
         try:
             exc = self.future.exception(timeout)
         except concurrent.futures.CancelledError:
+            self.observed = True
             message = f"{self.description} was cancelled before it ran."
             raise Cancelled(message) from None
         except concurrent.futures.TimeoutError:
@@ -104,8 +127,7 @@ class Job:
                 f"{self.description} was not ready after {timeout:.2f} s; raise "
                 f"ASYNCHRORMOUS['TIMEOUT'] or pass resolve(..., timeout=...)."
             ) from None
-        finally:
-            self.observed = self.future.done()
+        self.observed = True
         if exc is not None:
             raise exc
         value = self.future.result()
@@ -120,16 +142,31 @@ class Job:
         return (_finished_job, (self.result(), self.description))
 
     def __del__(self) -> None:
-        # As asyncio does for "exception was never retrieved".
         future = self.future
-        if self.observed or self.transform is not None or not future.done():
+        with _handles_lock:
+            future.handles -= 1  # type: ignore[attr-defined]
+            if future.handles:  # type: ignore[attr-defined]
+                return
+        if not self.observed:
+            future.add_done_callback(_reporter(self.description))
+
+
+_handles_lock = threading.Lock()
+
+
+def _reporter(description: str) -> Callable[[concurrent.futures.Future[Any]], None]:
+    def report(future: concurrent.futures.Future[Any]) -> None:
+        if getattr(future, "observed", False) or future.cancelled():
             return
-        if not future.cancelled() and (exc := future.exception()) is not None:
+        exc = future.exception()
+        if exc is not None:
             logger.error(
                 "Exception in background %s was never retrieved",
-                self.description,
+                description,
                 exc_info=exc,
             )
+
+    return report
 
 
 def _finished_job(value: Any, description: str) -> Job:
@@ -142,13 +179,19 @@ def _finished_job(value: Any, description: str) -> Job:
 
 
 class Running:
-    """Where a job runs: the worker's connection, so its statement can be cancelled."""
+    """Where a job runs: the worker's connection, so its statement can be cancelled.
 
-    __slots__ = ("alias", "connection", "mysql_thread_id")
+    A cancel is delivered under ``lock``, and the job ends only under it: so a
+    cancel reaches the server while this job's statement runs, never after the
+    worker has moved on to its next job on the same connection.
+    """
+
+    __slots__ = ("alias", "connection", "lock", "mysql_thread_id")
 
     def __init__(self, alias: str) -> None:
         self.alias = alias
         self.connection: Any = None
+        self.lock = threading.Lock()
         self.mysql_thread_id: int | None = None
 
     def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -163,31 +206,35 @@ class Running:
             try:
                 return fn(*args)
             finally:
-                self.connection = None
+                with self.lock:
+                    self.connection = None
 
         return run
 
     def cancel(self) -> None:
-        """Ask the database, from another thread, to stop the running statement.
+        """Ask the database to stop this job's statement, if it is still running.
 
-        Not daemon threads: a cancel lost at interpreter exit would leave the
-        statement running on the server.
+        From a new thread (a cancel request may take a round trip), and not a
+        daemon one: a cancel lost at interpreter exit would leave the statement
+        running on the server.
         """
-        wrapper = self.connection
-        raw = getattr(wrapper, "connection", None)
-        if raw is None:
-            return
-        if wrapper.vendor == "postgresql":
-            # psycopg's cancel is thread-safe; cancel_safe() is its non-blocking form.
-            cancel = getattr(raw, "cancel_safe", raw.cancel)
-            threading.Thread(target=cancel).start()
-        elif wrapper.vendor == "sqlite":
-            raw.interrupt()  # thread-safe, by sqlite3's documentation
-        elif wrapper.vendor == "mysql" and self.mysql_thread_id is not None:
-            threading.Thread(
-                target=_kill_mysql_query,
-                args=(wrapper.get_connection_params(), self.mysql_thread_id),
-            ).start()
+        if self.connection is not None:
+            threading.Thread(target=self._deliver_cancel).start()
+
+    def _deliver_cancel(self) -> None:
+        with self.lock:
+            wrapper = self.connection
+            raw = getattr(wrapper, "connection", None)
+            if raw is None:
+                return  # the job has ended
+            if wrapper.vendor == "postgresql":
+                # Returns once the server has the request, so it cannot reach the
+                # worker's next statement.
+                getattr(raw, "cancel_safe", raw.cancel)()
+            elif wrapper.vendor == "sqlite":
+                raw.interrupt()  # thread-safe, by sqlite3's documentation
+            elif wrapper.vendor == "mysql" and self.mysql_thread_id is not None:
+                _kill_mysql_query(wrapper.get_connection_params(), self.mysql_thread_id)
 
 
 def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
@@ -207,11 +254,26 @@ def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
         conn.close()
 
 
-_thread_writes = threading.local()
-_task_writes: weakref.WeakKeyDictionary[Any, dict[str, list[Any]]] = (
-    weakref.WeakKeyDictionary()
+class _Writes:
+    """One caller's background writes that may still run, by alias.
+
+    A caller is a thread or an asyncio task. ``parent`` is the caller whose
+    context this one inherited (a task's creator; the sync thread an
+    ``async_to_sync`` helper runs for): its earlier writes come first too.
+    """
+
+    __slots__ = ("by_alias", "owner", "parent", "pid")
+
+    def __init__(self, owner: Any, parent: _Writes | None) -> None:
+        self.owner = owner
+        self.parent = parent
+        self.pid = os.getpid()
+        self.by_alias: dict[str, list[concurrent.futures.Future[Any]]] = {}
+
+
+_writes: contextvars.ContextVar[_Writes | None] = contextvars.ContextVar(
+    "asynchrormous_writes", default=None
 )
-_task_writes_lock = threading.Lock()
 
 
 def _current_task() -> asyncio.Task[Any] | None:
@@ -221,23 +283,32 @@ def _current_task() -> asyncio.Task[Any] | None:
         return None
 
 
-def _caller_writes() -> dict[str, list[concurrent.futures.Future[Any]]]:
-    """The calling thread's, or asyncio task's, own background writes by alias.
+def _caller_writes() -> _Writes:
+    """The calling thread's, or asyncio task's, own record of background writes.
 
     Per task, not per event-loop thread: concurrent tasks never wait on each other.
+    A forked child starts with none: its parent's writes are not its own.
     """
     task = _current_task()
-    if task is None:
-        writes: dict[str, list[Any]] = _thread_writes.__dict__.setdefault("writes", {})
-        return writes
-    with _task_writes_lock:
-        return _task_writes.setdefault(task, {})
+    owner = threading.current_thread() if task is None else task
+    writes = _writes.get()
+    if writes is None or writes.owner is not owner or writes.pid != os.getpid():
+        parent = writes if writes is not None and writes.pid == os.getpid() else None
+        writes = _Writes(owner, parent)
+        _writes.set(writes)
+    return writes
 
 
 def _pending_writes(alias: str) -> list[concurrent.futures.Future[Any]]:
     """This caller's background writes on ``alias`` that may still be running."""
-    pending = _caller_writes().setdefault(alias, [])
-    pending[:] = [f for f in pending if not f.done()]
+    writes: _Writes | None = _caller_writes()
+    own = writes.by_alias.get(alias)  # type: ignore[union-attr]
+    if own:
+        own[:] = [f for f in own if not f.done()]
+    pending: list[concurrent.futures.Future[Any]] = []
+    while writes is not None:
+        pending.extend(f for f in writes.by_alias.get(alias, ()) if not f.done())
+        writes = writes.parent
     return pending
 
 
@@ -245,7 +316,8 @@ class _WriteBarrier:
     """Execute wrapper on the caller's connection: pending writes finish first.
 
     Installed while the caller has background writes in flight, so a plain query it
-    makes afterwards reads its own writes without calling ``resolve()``.
+    makes afterwards reads its own writes without calling ``resolve()``. It goes
+    first in the list, so a user's ``execute_wrapper()`` block still pops its own.
     """
 
     def __init__(self, alias: str) -> None:
@@ -273,10 +345,10 @@ class _WriteBarrier:
 
 
 def _track_write(alias: str, future: concurrent.futures.Future[Any]) -> None:
-    _pending_writes(alias).append(future)
+    _caller_writes().by_alias.setdefault(alias, []).append(future)
     wrappers = connections[alias].execute_wrappers
     if not any(isinstance(w, _WriteBarrier) for w in wrappers):
-        wrappers.append(_WriteBarrier(alias))
+        wrappers.insert(0, _WriteBarrier(alias))
 
 
 def _run_after(
@@ -333,35 +405,70 @@ def submit(
         return Job(pin.submit(fn, *args), description, running=running)
     pending = _pending_writes(alias)
     if pending:
-        future = get_pool().submit(
-            _run_after, list(pending), get_settings().timeout, fn, *args
+        future = _on_the_pool(
+            writes, _run_after, pending, get_settings().timeout, fn, *args
         )
     else:
-        future = get_pool().submit(fn, *args)
+        future = _on_the_pool(writes, fn, *args)
     if writes:
         _track_write(alias, future)
     return Job(future, description, running=running)
 
 
+def _on_the_pool(
+    writes: bool, fn: Callable[..., Any], *args: Any
+) -> concurrent.futures.Future[Any]:
+    while True:
+        pool = get_pool()
+        try:
+            return pool.submit_job(fn, args, writes=writes)
+        except PoolClosed:
+            continue  # shutdown() won the race: the next get_pool() is a new pool
+
+
 # -- Awaiting from asyncio -------------------------------------------------------
 
 
-async def await_job(job: Job) -> Any:
-    """The job's value; cancelling the awaiting task cancels the job.
+async def await_job(job: Job, *, owned: bool = True) -> Any:
+    """The job's value, waited for at most TIMEOUT; raises as ``Job.result()``.
 
+    Cancelling the awaiting task cancels the job only if it is ``owned``: made for
+    this await alone (a shared fetch or lazy result goes on for its other users).
     A queued job is dropped; a running statement is cancelled on the database, and
     the worker's connection stays usable (or is replaced before its next job).
+
+    Raises:
+        ResultTimeout: not ready within TIMEOUT; the job goes on.
+        Cancelled: someone else cancelled the job (``cancel()``, ``shutdown()``).
     """
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake(_: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(_set_ready, ready)
+
+    job.future.add_done_callback(wake)
+    timeout = _timeout(DEFAULT)
     try:
-        await asyncio.wrap_future(job.future)
+        done, _ = await asyncio.wait((ready,), timeout=timeout)
     except asyncio.CancelledError:
-        job.observed = True  # abandoned on purpose: nothing to report
-        if not job.future.cancel() and job.running is not None:
-            job.running.cancel()
+        if owned:
+            job.observed = True  # abandoned on purpose: nothing to report
+            if not job.future.cancel() and job.running is not None:
+                job.running.cancel()
         raise
-    except BaseException:
-        pass  # job.result() raises it, with the worker's traceback
+    if not done:
+        raise ResultTimeout(
+            f"{job.description} was not ready after {timeout:.2f} s; raise "
+            f"ASYNCHRORMOUS['TIMEOUT']."
+        )
     return job.result(0)
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 # -- Lazy results ---------------------------------------------------------------
@@ -372,14 +479,38 @@ def _value(job: Job) -> Any:
 
 
 def _await_proxy(proxy: Any) -> Any:
-    return await_job(job_of(proxy)).__await__()  # type: ignore[arg-type]
+    return await_job(job_of(proxy), owned=False).__await__()  # type: ignore[arg-type]
+
+
+def _plain(value: T) -> T:
+    return value
+
+
+def _reduce_proxy(proxy: Any) -> tuple[Any, ...]:
+    return (_plain, (resolve(proxy),))
+
+
+def _copy_proxy(proxy: Any) -> Any:
+    return copy.copy(resolve(proxy))
+
+
+def _deepcopy_proxy(proxy: Any, memo: dict[int, Any]) -> Any:
+    return copy.deepcopy(resolve(proxy), memo)
 
 
 def _awaitable_lazy(resultclass: type) -> Callable[[Job], Any]:
-    """``lazy(_value, resultclass)``, whose proxies can also be awaited."""
+    """``lazy(_value, resultclass)``, whose proxies can also be awaited.
+
+    A copy or a pickle of one is the plain value (Django's proxy pickles as a
+    new proxy of a job that is gone, and copies as itself).
+    """
     make = lazy(_value, resultclass)
-    # lazy() made this proxy class for us alone, so it may gain __await__.
-    type(make(None)).__await__ = _await_proxy  # type: ignore[arg-type]
+    # lazy() made this proxy class for us alone, so it may gain methods.
+    proxy: Any = type(make(None))  # type: ignore[arg-type]
+    proxy.__await__ = _await_proxy
+    proxy.__reduce__ = _reduce_proxy
+    proxy.__copy__ = _copy_proxy
+    proxy.__deepcopy__ = _deepcopy_proxy
     return make
 
 
@@ -400,7 +531,7 @@ class LazyObjectResult(SimpleLazyObject):
         super().__init__(job.result)
 
     def __await__(self) -> Any:
-        return await_job(self.__dict__["_job"]).__await__()
+        return await_job(self.__dict__["_job"], owned=False).__await__()
 
     def __repr__(self) -> str:
         # Never blocks, as Django's SimpleLazyObject.__repr__ never evaluates; once

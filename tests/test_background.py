@@ -149,11 +149,18 @@ def test_without_run_async_it_is_plain_django(books, jobs):
     assert jobs == []
 
 
-def test_run_async_on_an_evaluated_queryset_is_an_error(books):
-    qs = Book.objects.all()
-    list(qs)
-    with pytest.raises(AsynchrormousError, match="already evaluated"):
-        qs.run_async()
+def test_run_async_on_an_evaluated_queryset_answers_from_its_cache(books, jobs):
+    qs = Book.objects.order_by("pk")
+    rows = list(qs)
+    background = qs.run_async()
+    with CaptureQueriesContext(connection) as caller:
+        assert list(background) == rows
+        assert resolve(background.count()) == 6
+        assert resolve(background.first()) == rows[0]
+    assert len(caller) == 0
+    assert jobs == []
+    assert [b.pk for b in background.all()] == [b.pk for b in rows]  # queries again
+    assert len(jobs) == 1
 
 
 def test_run_async_on_a_raw_queryset_is_an_error(books):
