@@ -55,7 +55,7 @@ def breakdown(n: int) -> None:
 
         return wrapper
 
-    dry_run = queryset._dry_run
+    dry_run = queryset.dry_run
 
     @contextlib.contextmanager
     def timed_dry_run(alias: str) -> Iterator[None]:
@@ -68,7 +68,7 @@ def breakdown(n: int) -> None:
                 time.perf_counter() - started
             )
 
-    queryset._dry_run = timed_dry_run  # type: ignore[assignment]
+    queryset.dry_run = timed_dry_run  # type: ignore[assignment]
     queryset.submit = timed("submit", queryset.submit)
     queryset.lazy_result = timed("lazy_result", queryset.lazy_result)
     queryset._read = timed("worker: _read (Django's get())", queryset._read)
