@@ -1,4 +1,4 @@
-"""A cancel touches only its own job; awaits are bounded; another's cancel is Cancelled."""
+"""A cancel touches only its own job; awaits are bounded by TIMEOUT."""
 
 import asyncio
 import threading
@@ -65,9 +65,7 @@ async def _await(value):
     return await value
 
 
-async def test_one_awaiters_cancel_leaves_a_shared_fetch_to_the_others(
-    books, settings
-):
+async def test_one_awaiters_cancel_leaves_a_shared_fetch_to_the_others(books, settings):
     settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 10.0}
     release = threading.Event()
     submit(release.wait, 10, alias="default", writes=False, description="x")
@@ -89,7 +87,7 @@ async def test_awaiting_a_job_is_bounded_by_timeout_and_the_job_goes_on(
     settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 0.3}
     release = threading.Event()
     job = submit(release.wait, 10, alias="default", writes=False, description="wait")
-    with pytest.raises(ResultTimeout, match="wait was not ready after 0.30 s"):
+    with pytest.raises(ResultTimeout, match=r"wait was not ready after 0\.30 s"):
         await _await(lazy_result(job, bool))
     release.set()
     assert await _await(lazy_result(job, bool)) is True
