@@ -51,3 +51,25 @@ class Tag(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class AuditEntry(models.Model):
+    """A row that a custom QuerySet's override writes each time it runs."""
+
+    action = models.CharField(max_length=50)
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.action
+
+
+class Document(models.Model):
+    """A JSONField, for values the field cannot encode."""
+
+    data = models.JSONField()
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return f"Document {self.pk}"
