@@ -21,7 +21,7 @@ from django.db.models.sql import Query
 from django.db.models.sql.compiler import SQLCompiler
 from django.utils.tree import Node
 
-__all__ = ["Deferred", "dry_run", "frozen"]
+__all__ = ["Deferred", "dry_run", "encode", "frozen"]
 
 
 def frozen(value: Any) -> Any:
@@ -89,13 +89,27 @@ class Deferred(BaseException):
 _dry_running = threading.local()
 
 
+def encode(prepared: Any) -> None:
+    """Encode a value psycopg would encode only while sending it (JSON's Jsonb).
+
+    So a value the field cannot encode fails at the call, as in plain Django.
+    """
+    dumps = getattr(prepared, "dumps", None)
+    if callable(dumps) and hasattr(prepared, "obj"):
+        dumps(prepared.obj)
+
+
 def _compile_then_defer(self: SQLCompiler, *args: Any, **kwargs: Any) -> Any:
     if not getattr(_dry_running, "active", False):
         return super(type(self), self).execute_sql(*args, **kwargs)  # type: ignore[misc]
     try:
-        self.as_sql()
+        compiled = self.as_sql()
     except EmptyResultSet:
-        pass
+        raise Deferred from None
+    # One (sql, params) pair, or a list of them (an INSERT's batches).
+    for _, params in compiled if isinstance(compiled, list) else [compiled]:
+        for param in params:
+            encode(param)
     raise Deferred
 
 

@@ -23,7 +23,7 @@ from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
 from . import aio
-from .calls import Deferred, dry_run, frozen
+from .calls import Deferred, dry_run, encode, frozen
 from .exceptions import AsynchrormousError, ResultTimeout
 from .pool import read_with_reconnect
 from .results import DEFAULT, Job, await_job, lazy_result, submit
@@ -78,13 +78,6 @@ def _refers_to_outer_query(query: Query) -> bool:
     loses its early start, never its result.
     """
     return any(isinstance(e, ResolvedOuterRef) for e in _expressions(query))
-
-
-def _encode(prepared: Any) -> None:
-    """Encode a value psycopg would encode only while sending it (JSON's Jsonb)."""
-    dumps = getattr(prepared, "dumps", None)
-    if callable(dumps) and hasattr(prepared, "obj"):
-        dumps(prepared.obj)
 
 
 def _save_new(obj: Any, using: str) -> Any:
@@ -418,7 +411,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
                     continue  # computed by the database, not sent
                 value = field.value_from_object(obj)
                 if not hasattr(value, "resolve_expression"):
-                    _encode(field.get_db_prep_save(value, connection))
+                    encode(field.get_db_prep_save(value, connection))
         self._for_write = True
         job = submit(
             _save_new,
