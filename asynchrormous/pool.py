@@ -94,7 +94,7 @@ def _adopt_locals(context: contextvars.Context) -> None:
 
 
 class WorkItem:
-    __slots__ = ("args", "context", "fn", "future", "kwargs", "writes")
+    __slots__ = ("args", "context", "description", "fn", "future", "kwargs", "writes")
 
     def __init__(
         self,
@@ -103,12 +103,14 @@ class WorkItem:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         writes: bool = False,
+        description: str = "job",
     ) -> None:
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.writes = writes
+        self.description = description
         # The job sees the submitter's contextvars (tenant ids, logging context).
         self.context = contextvars.copy_context()
 
@@ -247,10 +249,15 @@ class WorkerPool(Executor):
         return self._put(WorkItem(Future(), fn, args, kwargs))
 
     def submit_job(
-        self, fn: Callable[..., T], args: tuple[Any, ...], *, writes: bool
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        *,
+        writes: bool,
+        description: str,
     ) -> Future[T]:
         """``submit(fn, *args)``; a write is run to its end by ``shutdown()``."""
-        return self._put(WorkItem(Future(), fn, args, {}, writes))
+        return self._put(WorkItem(Future(), fn, args, {}, writes, description))
 
     def _put(self, item: WorkItem) -> Future[Any]:
         with self._lock:
@@ -318,11 +325,13 @@ class WorkerPool(Executor):
         for item in self._drain():
             if item.future.cancel() and item.writes:
                 logger.error(
-                    "background write %r dropped: shutdown() timed out after %s s "
-                    "before a worker ran it",
-                    item.fn,
+                    "background %s dropped: shutdown() timed out after %s s before a "
+                    "worker ran it",
+                    item.description,
                     timeout,
                 )
+        for _ in threads:
+            self._queue.put(None)  # the drain took them: workers still busy stop too
         for thread in threads:
             if thread.is_alive():
                 logger.warning(

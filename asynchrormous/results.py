@@ -406,22 +406,22 @@ def submit(
     pending = _pending_writes(alias)
     if pending:
         future = _on_the_pool(
-            writes, _run_after, pending, get_settings().timeout, fn, *args
+            writes, description, _run_after, pending, get_settings().timeout, fn, *args
         )
     else:
-        future = _on_the_pool(writes, fn, *args)
+        future = _on_the_pool(writes, description, fn, *args)
     if writes:
         _track_write(alias, future)
     return Job(future, description, running=running)
 
 
 def _on_the_pool(
-    writes: bool, fn: Callable[..., Any], *args: Any
+    writes: bool, description: str, fn: Callable[..., Any], *args: Any
 ) -> concurrent.futures.Future[Any]:
     while True:
         pool = get_pool()
         try:
-            return pool.submit_job(fn, args, writes=writes)
+            return pool.submit_job(fn, args, writes=writes, description=description)
         except PoolClosed:
             continue  # shutdown() won the race: the next get_pool() is a new pool
 
