@@ -20,7 +20,7 @@ from django.db import transaction as django_transaction
 from . import aio
 from .conf import get_settings
 from .exceptions import ResultTimeout
-from .pool import Pin, get_pool, pins
+from .pool import Pin, get_pool, pin_board, pins
 from .results import await_job, submit
 
 __all__ = ["AsyncAtomic", "atomic", "get_rollback", "on_commit", "set_rollback"]
@@ -28,35 +28,27 @@ __all__ = ["AsyncAtomic", "atomic", "get_rollback", "on_commit", "set_rollback"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _release_if_acquired(slots: Any) -> Callable[[Any], None]:
-    def release(acquired: asyncio.Future[bool]) -> None:
-        if not acquired.cancelled() and acquired.result():
-            slots.release()
-
-    return release
-
-
 async def _pin_a_worker(alias: str, task: asyncio.Task[Any]) -> Pin:
     """Hold a worker for ``task``, waiting (bounded by TIMEOUT) while all are pinned."""
     pool = get_pool()
-    slots = pool.pin_slots
-    if not slots.acquire(blocking=False):
+    board = pin_board(pool)
+    claim = board.claim()
+    if not claim.done():
         timeout = get_settings().timeout
-        waiting = asyncio.get_running_loop().run_in_executor(
-            None, slots.acquire, True, -1 if timeout is None else timeout
-        )
         try:
-            acquired = await asyncio.shield(waiting)
-        except asyncio.CancelledError:
-            # Whatever the waiting thread gets later must go back.
-            waiting.add_done_callback(_release_if_acquired(slots))
-            raise
-        if not acquired:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(asyncio.wrap_future(claim))
+        except TimeoutError:
+            board.give_up(claim)
             raise ResultTimeout(
                 f"no worker was free for an atomic() block on {alias!r} after "
                 f"{timeout:.2f} s: the other blocks hold them; raise "
                 f"ASYNCHRORMOUS['WORKERS'] or ['TIMEOUT']."
-            )
+            ) from None
+        except BaseException:
+            board.give_up(claim)
+            raise
+    claim.result()  # raises Cancelled when shutdown() closed the pool meanwhile
     return Pin(pool, alias, task)
 
 
