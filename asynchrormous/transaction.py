@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from types import TracebackType
@@ -21,6 +22,8 @@ from typing import Any, TypeVar, overload
 from asgiref.sync import AsyncToSync, SyncToAsync, ThreadSensitiveContext
 from django.db import DEFAULT_DB_ALIAS
 from django.db import transaction as django_transaction
+from django.db.backends.signals import connection_created
+from django.db.transaction import TransactionManagementError
 
 from . import aio
 from .conf import get_settings
@@ -318,3 +321,41 @@ async def get_rollback(using: str | None = None) -> bool:
         writes=False,
         description="get_rollback()",
     )
+
+
+def _no_escape(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+) -> Any:
+    """Execute wrapper: refuse a statement that would run outside the open block.
+
+    Sync code gets the block's pin in its copied context (sync_to_async, to_thread);
+    a statement it sends on another thread's connection is not in the transaction.
+    """
+    held = pins.get()
+    if held is not None:
+        alias = context["connection"].alias
+        pin = held.get(alias)
+        if (
+            pin is not None
+            and pin.thread is not threading.current_thread()
+            and (pin.open)
+        ):
+            raise TransactionManagementError(
+                f"A query on {alias!r} was sent from inside an asynchrormous "
+                f"atomic() block on another thread's connection, outside the "
+                f"transaction (Django's own asave(), arefresh_from_db() or a related "
+                f"manager's a*() method, or sync_to_async(thread_sensitive=False)); "
+                f"use AsyncModelMixin, AsyncManager or AsyncQuerySetMixin, or run "
+                f"the sync code with await asynchrormous.aio.run(fn, alias={alias!r}, "
+                f"writes=True, description=...)."
+            )
+    return execute(sql, params, many, context)
+
+
+def _guard_connection(sender: Any, connection: Any, **kwargs: Any) -> None:
+    # First, so Django's execute_wrapper() (which pops the last) never removes it.
+    if _no_escape not in connection.execute_wrappers:
+        connection.execute_wrappers.insert(0, _no_escape)
+
+
+connection_created.connect(_guard_connection)
