@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from asgiref.sync import AsyncToSync, sync_to_async
 
-from .results import await_job, must_run_inline, submit
+from .conf import get_settings
+from .exceptions import ResultTimeout
+from .pool import Pin, get_pool, pinned, stream_pins
+from .results import _pending_writes, await_job, must_run_inline, submit
 from .signals import instrumented, job_finished
 
 __all__ = ["on_callers_sync_thread", "run", "stream", "sync_to_async"]
@@ -46,11 +48,19 @@ async def run(
     return await await_job(job)
 
 
-class _End:
-    """Sent after the last chunk, carrying the producer's exception if it failed."""
-
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.error = error
+async def _await_chunk(future: concurrent.futures.Future[Any], what: str) -> Any:
+    """A chunk job's value, bounded by TIMEOUT; a cancel drops it if still queued."""
+    timeout = get_settings().timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.wrap_future(future)
+    except TimeoutError:
+        if future.done() and not future.cancelled():
+            raise  # the job's own TimeoutError
+        raise ResultTimeout(
+            f"{what} was not ready after {timeout:.2f} s; raise "
+            f"ASYNCHRORMOUS['TIMEOUT']."
+        ) from None
 
 
 async def stream(
@@ -60,55 +70,59 @@ async def stream(
     alias: str,
     description: str,
 ) -> AsyncIterator[Any]:
-    """Iterate on a worker and hand chunks over, reading one chunk ahead.
+    """Iterate on one worker thread, a chunk per job, reading one chunk ahead.
 
-    The whole iteration stays in one worker job: a server-side cursor belongs to the
-    worker's connection and thread.
+    A server-side cursor belongs to its thread and connection, so every chunk of a
+    stream is fetched on one pin: the task's block's, or one of its own. The task's
+    other queries meanwhile run there too, between chunks, so a loop that awaits
+    queries never waits for the worker its own stream holds.
     """
-    loop = asyncio.get_running_loop()
-    handoff: asyncio.Queue[list[Any] | _End] = asyncio.Queue(maxsize=1)
-    stopped = threading.Event()
+    task = asyncio.current_task()
+    pin = pinned(alias, task)
+    own: Pin | None = None
+    if pin is None:
+        own = pin = Pin(get_pool(), alias, task, holds_slot=False)
+        stream_pins.setdefault(task, {})[alias] = own
+    # The caller's earlier writes come first, as for any of its queries.
+    before = list(_pending_writes(alias)) if own is not None else []
+    timeout = get_settings().timeout
+    rows: list[Iterator[Any]] = []  # the iterator, touched on the pin's thread only
 
-    def put(item: list[Any] | _End) -> None:
-        while not stopped.is_set():
-            future = asyncio.run_coroutine_threadsafe(handoff.put(item), loop)
-            try:
-                future.result(timeout=1.0)
-                return
-            except concurrent.futures.TimeoutError:
-                future.cancel()  # consumer slow or gone: look at `stopped` again
+    def first() -> list[Any]:
+        if before:
+            concurrent.futures.wait(before, timeout)
+        rows.append(make_iterator())
+        return next_chunk()
 
-    def produce() -> None:
-        iterator = make_iterator()
-        try:
-            while not stopped.is_set():
-                chunk = list(itertools.islice(iterator, chunk_size))
-                if not chunk:
-                    break
-                put(chunk)
-        except BaseException as exc:
-            put(_End(exc))
-            raise
-        else:
-            put(_End())
-        finally:
-            close = getattr(iterator, "close", None)
+    def next_chunk() -> list[Any]:
+        return list(itertools.islice(rows[0], chunk_size))
+
+    def close() -> None:
+        if rows:
+            close = getattr(rows.pop(), "close", None)
             if close is not None:
                 close()
 
-    job = submit(produce, alias=alias, writes=False, description=description)
+    def fetch(fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        if job_finished.has_listeners():
+            fn = instrumented(fn, alias, description, inline=False)
+        return pin.submit(fn)
+
+    ahead: concurrent.futures.Future[Any] | None = fetch(first)
     try:
-        while True:
-            item = await handoff.get()
-            if isinstance(item, _End):
-                job.observed = True
-                if item.error is not None:
-                    raise item.error
-                return
-            for row in item:
+        while ahead is not None:
+            chunk = await _await_chunk(ahead, description)
+            ahead = fetch(next_chunk) if len(chunk) == chunk_size else None
+            for row in chunk:
                 yield row
     finally:
-        # The producer stops at its next chunk; a queued one never starts.
-        stopped.set()
-        job.future.cancel()
-        job.observed = True
+        if ahead is not None:
+            ahead.cancel()  # dropped if still queued
+        # After every job of the stream and before the task's later ones there.
+        closed = pin.submit(close)
+        if own is not None:
+            if (stream_pins.get(task) or {}).get(alias) is own:
+                del stream_pins[task][alias]
+            own.release()
+            # The task's later queries wait for what it queued on the stream's pin.
+            _pending_writes(alias).append(closed)

@@ -9,102 +9,215 @@ Django's own ``transaction.Atomic`` runs on that thread, so savepoints, ``durabl
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import inspect
+import sys
+import threading
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
+from asgiref.sync import AsyncToSync, SyncToAsync, ThreadSensitiveContext
 from django.db import DEFAULT_DB_ALIAS
 from django.db import transaction as django_transaction
+from django.db.backends.signals import connection_created
+from django.db.transaction import TransactionManagementError
 
 from . import aio
 from .conf import get_settings
-from .exceptions import ResultTimeout
-from .pool import Pin, get_pool, pins
-from .results import await_job, submit
+from .exceptions import Cancelled, ResultTimeout
+from .pool import Pin, get_pool, pin_board, pins, task_pin
 
 __all__ = ["AsyncAtomic", "atomic", "get_rollback", "on_commit", "set_rollback"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _release_if_acquired(slots: Any) -> Callable[[Any], None]:
-    def release(acquired: asyncio.Future[bool]) -> None:
-        if not acquired.cancelled() and acquired.result():
-            slots.release()
-
-    return release
+async def on_pin(future: concurrent.futures.Future[Any], what: str) -> Any:
+    """Await a job of a pin, bounded by TIMEOUT; a cancel drops it if still queued."""
+    timeout = get_settings().timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.wrap_future(future)
+    except TimeoutError:
+        if future.done() and not future.cancelled():
+            raise  # the job's own TimeoutError
+        raise ResultTimeout(
+            f"{what} was not ready after {timeout:.2f} s; raise "
+            f"ASYNCHRORMOUS['TIMEOUT']."
+        ) from None
 
 
 async def _pin_a_worker(alias: str, task: asyncio.Task[Any]) -> Pin:
     """Hold a worker for ``task``, waiting (bounded by TIMEOUT) while all are pinned."""
     pool = get_pool()
-    slots = pool.pin_slots
-    if not slots.acquire(blocking=False):
+    board = pin_board(pool)
+    claim = board.claim()
+    if not claim.done():
         timeout = get_settings().timeout
-        waiting = asyncio.get_running_loop().run_in_executor(
-            None, slots.acquire, True, -1 if timeout is None else timeout
-        )
         try:
-            acquired = await asyncio.shield(waiting)
-        except asyncio.CancelledError:
-            # Whatever the waiting thread gets later must go back.
-            waiting.add_done_callback(_release_if_acquired(slots))
-            raise
-        if not acquired:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(asyncio.wrap_future(claim))
+        except TimeoutError:
+            board.give_up(claim)
             raise ResultTimeout(
                 f"no worker was free for an atomic() block on {alias!r} after "
                 f"{timeout:.2f} s: the other blocks hold them; raise "
                 f"ASYNCHRORMOUS['WORKERS'] or ['TIMEOUT']."
-            )
-    return Pin(pool, alias, task)
+            ) from None
+        except BaseException:
+            board.give_up(claim)
+            raise
+    claim.result()  # raises Cancelled when shutdown() closed the pool meanwhile
+    pin = Pin(pool, alias, task)
+    generator = _enclosing_async_generator()
+    if generator is not None:
+        pin.generator, pin.live_generators = generator
+    return pin
+
+
+def _enclosing_async_generator() -> tuple[Any, Any] | None:
+    """``(weakref to the async generator running the block, the loop's live set)``.
+
+    asyncio runs a dropped generator's aclose() later, in a task of its own; until
+    then the block's pin must stop taking the consumer's work.
+    """
+    frame = sys._getframe(3)  # the code doing `async with atomic()`
+    if not frame.f_code.co_flags & inspect.CO_ASYNC_GENERATOR:
+        return None
+    live = getattr(asyncio.get_running_loop(), "_asyncgens", None)
+    if live is None:
+        return None
+    for generator in list(live):
+        if generator.ag_frame is frame:
+            return weakref.ref(generator), live
+    return None
+
+
+class _PinExecutor(concurrent.futures.Executor):
+    """Where the block's thread-sensitive ``sync_to_async`` calls run: its worker.
+
+    Django's own ``asave()``, ``arefresh_from_db()`` and related managers' ``a*``
+    methods are such calls; on the pin they run in the block's transaction.
+    """
+
+    def __init__(self, pin: Pin) -> None:
+        self.pin = pin
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        pin = self.pin
+        if pin.open and _current_task() is pin.task:
+            return pin.submit(_forget_asgiref_thread_state, fn, *args, **kwargs)
+        # Another task, or the block is over: where Django would have run it.
+        return SyncToAsync.single_thread_executor.submit(fn, *args, **kwargs)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _forget_asgiref_thread_state(fn: Callable[..., Any], *args: Any) -> Any:
+    # asgiref marks the thread as its own; the worker goes back to the pool after.
+    try:
+        return fn(*args)
+    finally:
+        for name in ("main_event_loop", "main_event_loop_pid", "task_context"):
+            SyncToAsync.threadlocal.__dict__.pop(name, None)
+
+
+class _Entry:
+    """One entry into a block: Django's Atomic and where it runs."""
+
+    __slots__ = ("atomic", "executor", "on_sync_thread", "owns_pin", "pin", "tokens")
+
+    def __init__(self, atomic: django_transaction.Atomic) -> None:
+        self.atomic = atomic
+        self.pin: Pin | None = None
+        self.owns_pin = False
+        self.on_sync_thread = False
+        self.tokens: list[tuple[Any, Any]] = []
+        self.executor: Any = None
+
+
+def _exit_if_entered(
+    atomic: django_transaction.Atomic, entered: concurrent.futures.Future[Any]
+) -> None:
+    """On the pin, after an entry the task stopped waiting for: roll it back."""
+    if not entered.cancelled() and entered.exception() is None:
+        error = Cancelled("the task left atomic() while it was being entered")
+        atomic.__exit__(Cancelled, error, None)
 
 
 class AsyncAtomic(contextlib.AsyncContextDecorator):
-    """One entry into an async transaction block; made by ``atomic()``."""
+    """One or more entries into an async transaction block; made by ``atomic()``.
+
+    Like Django's ``Atomic``, one object may be entered again while it is open.
+    """
 
     def __init__(self, using: str | None, savepoint: bool, durable: bool) -> None:
         self.using = using
         self.savepoint = savepoint
         self.durable = durable
+        self._entries: list[_Entry] = []
 
     def _recreate_cm(self) -> AsyncAtomic:
         # A decorated function may run in several tasks at once: one entry each.
         return type(self)(self.using, self.savepoint, self.durable)
 
     async def __aenter__(self) -> AsyncAtomic:
-        self.alias = self.using or DEFAULT_DB_ALIAS
-        self._atomic = django_transaction.Atomic(
-            self.alias, self.savepoint, self.durable
-        )
-        self._token: Any = None
+        alias = self.using or DEFAULT_DB_ALIAS
+        entry = _Entry(django_transaction.Atomic(alias, self.savepoint, self.durable))
         task = asyncio.current_task()
         assert task is not None, "atomic() needs a running asyncio task"
         # Under async_to_sync from a thread already in a transaction (Django's
         # TestCase), the block nests in that thread's transaction, on that thread.
-        self._on_sync_thread = await aio.on_callers_sync_thread(self.alias)
-        inherited = (pins.get() or {}).get(self.alias)
+        if await aio.on_callers_sync_thread(alias):
+            entry.on_sync_thread = True
+            await aio.sync_to_async(entry.atomic.__enter__, thread_sensitive=True)()
+            self._entries.append(entry)
+            return self
         # A pin of another task (inherited by create_task) is not this task's block.
-        if not self._on_sync_thread and (
-            inherited is None or inherited.task is not task
-        ):
-            pin = await _pin_a_worker(self.alias, task)
-            self._token = pins.set({**(pins.get() or {}), self.alias: pin})
+        pin = task_pin(alias, task)
+        if pin is None:
+            pin = await _pin_a_worker(alias, task)
+            entry.owns_pin = True
+        entry.pin = pin
+        self._enter_context(entry, pin)
+        entered = pin.submit(entry.atomic.__enter__)
         try:
-            await self._call(self._atomic.__enter__)
+            # Shielded: a cancel must not leave the worker inside a half-known block.
+            await asyncio.shield(on_pin(entered, "atomic()"))
         except BaseException:
-            self._unpin()
+            # Whatever the entry opened is rolled back on the pin; then it is freed.
+            pin.submit(_exit_if_entered, entry.atomic, entered)
+            self._leave(entry)
             raise
+        self._entries.append(entry)
         return self
 
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._on_sync_thread:
-            return await aio.sync_to_async(fn, thread_sensitive=True)(*args)
-        # submit() from this task, so the job goes to this task's pinned worker.
-        job = submit(fn, *args, alias=self.alias, writes=True, description="atomic()")
-        # Shielded: even if the task is cancelled meanwhile, the commit or rollback
-        # still runs on the worker, before the pin's release that queues behind it.
-        return await asyncio.shield(await_job(job))
+    def _enter_context(self, entry: _Entry, pin: Pin) -> None:
+        held = pins.get() or {}
+        if held.get(pin.alias) is pin:
+            return
+        entry.tokens.append((pins, pins.set({**held, pin.alias: pin})))
+        # Thread-sensitive sync_to_async (Django's own a* methods) runs on the pin.
+        key = ThreadSensitiveContext()
+        entry.executor = _PinExecutor(pin)
+        SyncToAsync.context_to_thread_executor[key] = entry.executor
+        variable = SyncToAsync.thread_sensitive_context
+        entry.tokens.append((variable, variable.set(key)))
+        # An enclosing async_to_sync's thread would take precedence: hide it here.
+        entry.tokens.append(
+            (AsyncToSync.executors, getattr(AsyncToSync.executors, "current", None))
+        )
+        AsyncToSync.executors.current = None
 
     async def __aexit__(
         self,
@@ -112,17 +225,36 @@ class AsyncAtomic(contextlib.AsyncContextDecorator):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        entry = self._entries.pop()
+        if entry.on_sync_thread:
+            await aio.sync_to_async(entry.atomic.__exit__, thread_sensitive=True)(
+                exc_type, exc, tb
+            )
+            return
+        assert entry.pin is not None
+        # The entry's own pin, not the context's: asyncio closes a dropped async
+        # generator from another task and context.
+        done = entry.pin.submit(entry.atomic.__exit__, exc_type, exc, tb)
         try:
-            await self._call(self._atomic.__exit__, exc_type, exc, tb)
+            # Shielded: even if the task is cancelled meanwhile, the commit or
+            # rollback still runs on the worker, before the pin's release.
+            await asyncio.shield(on_pin(done, "the end of atomic()"))
         finally:
-            self._unpin()
+            self._leave(entry)
 
-    def _unpin(self) -> None:
-        if self._token is not None:
-            pin = (pins.get() or {})[self.alias]
-            pins.reset(self._token)
-            self._token = None
-            pin.release()
+    def _leave(self, entry: _Entry) -> None:
+        try:
+            for variable, token in reversed(entry.tokens):
+                if variable is AsyncToSync.executors:
+                    AsyncToSync.executors.current = token
+                else:
+                    variable.reset(token)
+        except ValueError:
+            pass  # another context (an async generator's aclose()): leave it as is
+        entry.tokens = []
+        if entry.owns_pin:
+            assert entry.pin is not None
+            entry.pin.release()
 
 
 @overload
@@ -189,3 +321,41 @@ async def get_rollback(using: str | None = None) -> bool:
         writes=False,
         description="get_rollback()",
     )
+
+
+def _no_escape(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+) -> Any:
+    """Execute wrapper: refuse a statement that would run outside the open block.
+
+    Sync code gets the block's pin in its copied context (sync_to_async, to_thread);
+    a statement it sends on another thread's connection is not in the transaction.
+    """
+    held = pins.get()
+    if held is not None:
+        alias = context["connection"].alias
+        pin = held.get(alias)
+        if (
+            pin is not None
+            and pin.thread is not threading.current_thread()
+            and (pin.open)
+        ):
+            raise TransactionManagementError(
+                f"A query on {alias!r} was sent from inside an asynchrormous "
+                f"atomic() block on another thread's connection, outside the "
+                f"transaction (Django's own asave(), arefresh_from_db() or a related "
+                f"manager's a*() method, or sync_to_async(thread_sensitive=False)); "
+                f"use AsyncModelMixin, AsyncManager or AsyncQuerySetMixin, or run "
+                f"the sync code with await asynchrormous.aio.run(fn, alias={alias!r}, "
+                f"writes=True, description=...)."
+            )
+    return execute(sql, params, many, context)
+
+
+def _guard_connection(sender: Any, connection: Any, **kwargs: Any) -> None:
+    # First, so Django's execute_wrapper() (which pops the last) never removes it.
+    if _no_escape not in connection.execute_wrappers:
+        connection.execute_wrappers.insert(0, _no_escape)
+
+
+connection_created.connect(_guard_connection)
