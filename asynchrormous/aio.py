@@ -16,7 +16,8 @@ from asgiref.sync import AsyncToSync, sync_to_async
 
 from .conf import get_settings
 from .exceptions import ResultTimeout
-from .pool import Pin, get_pool, pinned, stream_pins
+from .pins import Pin, pinned, stream_pins
+from .pool import get_pool
 from .results import _pending_writes, await_job, must_run_inline, submit
 from .signals import instrumented, job_finished
 

@@ -24,7 +24,8 @@ from django.utils.functional import Promise, SimpleLazyObject, lazy
 
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
-from .pool import PoolClosed, get_pool, in_worker, pinned
+from .pins import pinned
+from .pool import PoolClosed, get_pool, in_worker
 from .signals import instrumented, job_finished
 
 __all__ = [

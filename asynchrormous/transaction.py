@@ -28,7 +28,8 @@ from django.db.transaction import TransactionManagementError
 from . import aio
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
-from .pool import Pin, get_pool, pin_board, pins, task_pin
+from .pins import Pin, pin_board, pins, task_pin
+from .pool import get_pool
 
 __all__ = ["AsyncAtomic", "atomic", "get_rollback", "on_commit", "set_rollback"]
 

@@ -12,8 +12,8 @@ from django.db import connection, connections
 from django.test import override_settings
 
 import asynchrormous
-from asynchrormous import Cancelled, atomic, pool, resolve
-from asynchrormous.pool import Pin
+from asynchrormous import Cancelled, atomic, pins, resolve
+from asynchrormous.pins import Pin
 from asynchrormous.results import submit
 from tests.testapp.models import Book
 
@@ -150,7 +150,7 @@ async def test_shutdown_fails_pinned_work_and_blocks_waiting_for_a_worker(
 ):
     holding = asyncio.Event()
     queued = asyncio.Event()
-    claim = pool._PinBoard.claim
+    claim = pins._PinBoard.claim
 
     def noting(board):
         future = claim(board)
@@ -158,7 +158,7 @@ async def test_shutdown_fails_pinned_work_and_blocks_waiting_for_a_worker(
             queued.set()
         return future
 
-    monkeypatch.setattr(pool._PinBoard, "claim", noting)
+    monkeypatch.setattr(pins._PinBoard, "claim", noting)
     release = asyncio.Event()
 
     async def holder():
