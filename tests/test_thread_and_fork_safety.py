@@ -14,18 +14,23 @@ unforced (and still must pass).
 """
 
 import os
+import select
+import signal
 import sys
 import threading
 import time
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
+from django.db.models.expressions import RawSQL
+from django.test import override_settings
 
 import asynchrormous
 from asynchrormous import Cancelled, resolve
 from asynchrormous.pool import get_pool
 from tests.regression_helpers import (
     paused_on_first_call,
+    slow_same,
     start_thread,
 )
 from tests.testapp.models import Book
@@ -181,3 +186,117 @@ def test_background_calls_in_a_loop_never_fail_at_the_call_during_shutdowns(
     stop.set()
     answers = finished(outcome)
     assert answers and set(answers) <= {6, "cancelled"}
+
+
+# -- A connection shared between threads (LiveServerTestCase) -------------------
+
+
+def test_a_thread_sharing_the_callers_connection_is_not_disturbed_by_its_checks(
+    books,
+):
+    """Forced: the caller is held while its background count() is being checked
+    (compiled on the caller), and the other thread queries on the same connection."""
+    caller_thread = threading.current_thread()
+    checking, queried = threading.Event(), threading.Event()
+
+    class PausedOnTheCaller(RawSQL):
+        def as_sql(self, compiler, connection):
+            if threading.current_thread() is caller_thread and not checking.is_set():
+                checking.set()
+                queried.wait(10)
+            return super().as_sql(compiler, connection)
+
+    shared = connections["default"]
+    shared.ensure_connection()
+    shared.inc_thread_sharing()
+
+    def other_thread():
+        connections["default"] = shared  # as LiveServerThread does
+        try:
+            assert checking.wait(10)
+            return Book.objects.count()
+        finally:
+            queried.set()
+
+    try:
+        outcome = run_in_thread(other_thread, close_connection=False)
+        qs = Book.objects.run_async().filter(pages__gte=PausedOnTheCaller("0", []))
+        n = qs.count()
+        queried.set()
+        assert finished(outcome) == 6
+        assert resolve(n, timeout=10) == 6
+    finally:
+        queried.set()
+        shared.dec_thread_sharing()
+
+
+# -- fork() while a background write is in flight --------------------------------
+
+_inherited_connections = []
+
+
+def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
+    with override_settings(ASYNCHRORMOUS={"WORKERS": 2, "TIMEOUT": 3.0}):
+        write = (
+            Book.objects.run_async()
+            .filter(pk=books[0].pk)
+            .update(year=slow_same("year", 1.5))
+        )
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, never return into pytest
+            code = 1
+            try:
+                os.close(read_end)
+                # The parent still uses this socket: keep the object (never closed,
+                # never finalized: os._exit) and open a connection of our own.
+                _inherited_connections.append(connection.connection)
+                connection.connection = None
+                started = time.monotonic()
+                try:
+                    report = f"ok {Book.objects.count()}"
+                except BaseException as exc:
+                    report = f"error {type(exc).__name__}: {exc}"
+                report += f" after {time.monotonic() - started:.2f} s"
+                os.write(write_end, report.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], 20)
+            assert ready, "the child reported nothing in 20 s"
+            with os.fdopen(read_end, closefd=False) as pipe:
+                report = pipe.read()
+        finally:
+            os.close(read_end)
+            deadline = time.monotonic() + 10
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.05)
+        assert report.startswith("ok 6 "), report
+        seconds = float(report.split()[-2])
+        assert seconds < 1.5, f"the child waited for its parent's write: {report}"
+        assert resolve(write, timeout=10) == 1
+
+
+# -- A user's own execute_wrapper() around a background write ---------------------
+
+
+def test_a_background_write_inside_execute_wrapper_leaves_no_wrapper_installed(
+    books,
+):
+    def mine(execute, sql, params, many, context):
+        return execute(sql, params, many, context)
+
+    before = list(connection.execute_wrappers)
+    with connection.execute_wrapper(mine):
+        Book.objects.run_async().filter(pk=books[0].pk).update(
+            title="new", year=slow_same("year", 1.0)
+        )
+    assert mine not in connection.execute_wrappers
+    assert Book.objects.get(pk=books[0].pk).title == "new"  # reads its own write
+    assert connection.execute_wrappers == before
