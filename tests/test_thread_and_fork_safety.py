@@ -13,10 +13,13 @@ thread acts at exactly that point. If that function is renamed the scenario runs
 unforced (and still must pass).
 """
 
+import gc
 import os
 import select
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -26,12 +29,13 @@ from django.db.models.expressions import RawSQL
 from django.test import override_settings
 
 import asynchrormous
-from asynchrormous import Cancelled, resolve
+from asynchrormous import Cancelled, ResultTimeout, resolve
 from asynchrormous.pool import get_pool
 from tests.regression_helpers import (
     paused_on_first_call,
     slow_same,
     start_thread,
+    subprocess_env,
 )
 from tests.testapp.models import Book
 
@@ -300,3 +304,113 @@ def test_a_background_write_inside_execute_wrapper_leaves_no_wrapper_installed(
     assert mine not in connection.execute_wrappers
     assert Book.objects.get(pk=books[0].pk).title == "new"  # reads its own write
     assert connection.execute_wrappers == before
+
+
+# -- Worker housekeeping failures ------------------------------------------------
+
+
+def test_a_worker_survives_a_failure_in_its_housekeeping(books, django_db_blocker):
+    """Under pytest-django's blocker, close_if_unusable_or_obsolete() raises in the
+    worker before its next job (its kept connection cannot be checked)."""
+    with override_settings(ASYNCHRORMOUS={"WORKERS": 1, "TIMEOUT": 3.0}):
+        assert resolve(Book.objects.run_async().count(), timeout=10) == 6
+        with django_db_blocker.block():
+            qs = Book.objects.order_by("pk").start()
+            started = time.monotonic()
+            try:
+                list(qs)
+            except BaseException as exc:
+                error = exc
+            else:
+                error = None
+            seconds = time.monotonic() - started
+        assert error is not None, "a query ran under the database blocker"
+        assert not isinstance(error, ResultTimeout), f"no worker ran the job: {error!r}"
+        assert seconds < 1.5, f"the job failed only after {seconds:.2f} s"
+        # The blocker is gone: background work runs again, on a working worker.
+        assert resolve(Book.objects.run_async().count(), timeout=2.5) == 6
+        assert [b.pk for b in Book.objects.order_by("pk").start()] == [
+            b.pk for b in books
+        ]
+
+
+# -- Test databases can be dropped ------------------------------------------------
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL only")
+def test_pytest_django_drops_the_test_database_when_nobody_called_shutdown(
+    tmp_path,
+):
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nDJANGO_SETTINGS_MODULE = tests.settings\ntimeout = 60\n"
+        "asyncio_default_fixture_loop_scope = function\n"
+    )
+    (tmp_path / "test_background_queries.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+
+            from tests.testapp.models import Author, Book
+
+            pytestmark = pytest.mark.django_db(transaction=True)
+
+
+            def test_background_queries_ran():
+                author = Author.objects.create(name="A")
+                Book.objects.create(title="T", author=author)
+                assert Book.objects.run_async().count() == 1
+                assert [b.title for b in Book.objects.all().start()] == ["T"]
+            """
+        )
+    )
+    suffix = f"wt_tests_b_dropped_{os.getpid()}"
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-c",
+                str(tmp_path / "pytest.ini"),
+                "--rootdir",
+                str(tmp_path),
+                str(tmp_path / "test_background_queries.py"),
+            ],
+            env=subprocess_env(tmp_path, TOX_ENV_NAME=suffix),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DROP DATABASE IF EXISTS test_asynchrormous_{suffix} WITH (FORCE)"
+            )
+    output = done.stdout + done.stderr
+    assert "being accessed by other users" not in output, output
+    assert done.returncode == 0, output
+
+
+# -- Settings changes take effect --------------------------------------------------
+
+
+def test_override_settings_restarts_the_pool_with_the_new_values(books, settings):
+    gc.collect()  # the library's receivers must survive a collection
+    workers = settings.ASYNCHRORMOUS["WORKERS"]
+    assert workers != 1
+    assert resolve(Book.objects.run_async().count(), timeout=10) == 6
+    before = get_pool()
+    assert before.settings.workers == workers
+    with override_settings(ASYNCHRORMOUS={"WORKERS": 1, "TIMEOUT": 10.0}):
+        during = get_pool()
+        assert during is not before
+        assert during.settings.workers == 1
+        assert resolve(Book.objects.run_async().count(), timeout=10) == 6
+    after = get_pool()
+    assert after is not during
+    assert after.settings.workers == workers
+    assert resolve(Book.objects.run_async().count(), timeout=10) == 6
