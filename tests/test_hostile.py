@@ -226,12 +226,23 @@ def test_a_count_taken_before_a_delete_is_the_count_before_the_delete(
 # -- shutdown() ---------------------------------------------------------------------
 
 
-def test_shutdown_called_inside_a_background_job_does_not_raise(books):
+def _restart_with_new_settings():
+    from django.test import override_settings
+
+    with override_settings(ASYNCHRORMOUS={"WORKERS": 2, "TIMEOUT": 30.0}):
+        pass
+
+
+@pytest.mark.parametrize(
+    "body", [asynchrormous.shutdown, _restart_with_new_settings],
+    ids=["shutdown", "override_settings"],
+)
+def test_shutdown_called_inside_a_background_job_does_not_raise(books, body):
     """A job that shuts the pool down (directly, or via override_settings of
     ASYNCHRORMOUS in code that runs in a job) fails with
     ``RuntimeError: cannot join current thread``: shutdown() joins its own worker.
     """
-    job = submit(asynchrormous.shutdown, alias="default", writes=False, description="x")
+    job = submit(body, alias="default", writes=False, description="x")
     assert job.result(10) is None
 
 
@@ -371,3 +382,68 @@ async def test_shutdown_during_an_async_atomic_block_leaves_no_worker_running(bo
         assert alive == []  # the pinned worker was told to stop
         with pytest.raises(asynchrormous.AsynchrormousError):  # "a clear error"
             await Publisher.objects.acreate(name="after shutdown")
+
+
+# -- Routing ---------------------------------------------------------------------------
+
+
+class ReadsOfPublisherGoToAReplica:
+    """Reads of Publisher go to a replica alias (not configured here); writes to default."""
+
+    def db_for_read(self, model, **hints):
+        return "replica" if model is Publisher else None
+
+    def db_for_write(self, model, **hints):
+        return "default"
+
+
+def test_background_create_is_routed_with_db_for_write_as_in_django(books, settings):
+    """Plain Django's create() saves ``using=self.db`` after setting ``_for_write``:
+    db_for_write. The background create() reads ``self.db`` before it sets
+    ``_for_write``, so it routes the INSERT with db_for_read: the write goes to the
+    read replica (here: ConnectionDoesNotExist at the call).
+    """
+    settings.DATABASE_ROUTERS = [ReadsOfPublisherGoToAReplica()]
+    assert Publisher.objects.create(name="plain").name == "plain"
+    made = Publisher.objects.run_async().create(name="background")
+    assert resolve(made).name == "background"
+    assert Publisher.objects.using("default").filter(name="background").exists()
+
+
+# -- User code in compilation runs twice -------------------------------------------
+
+
+class Counted(models.Func):
+    """A custom expression whose as_sql() counts its runs (user-visible code)."""
+
+    function = ""
+    template = "(%(expressions)s)"
+    runs = 0
+
+    def as_sql(self, compiler, connection, **extra):
+        type(self).runs += 1
+        return super().as_sql(compiler, connection, **extra)
+
+
+@pytest.mark.parametrize("call", ["update", "fetch", "count"])
+def test_a_custom_expression_is_compiled_once_per_call_as_in_django(books, call):
+    """DESIGN: "build (and compile) on the caller, and hand the built query to the
+    worker". Plain Django compiles once per call; here the caller compiles in the
+    dry run (or _submit_fetch) and the worker compiles again: as_sql() runs twice.
+    """
+    def run(qs):
+        if call == "update":
+            return qs.filter(pk=books[0].pk).update(pages=Counted(models.F("pages")))
+        if call == "fetch":
+            fetched = qs.filter(pages__gte=Counted(models.F("year")))
+            return fetched.start() if qs._background else fetched
+        return qs.filter(pages__gte=Counted(models.F("year"))).count()
+
+    Counted.runs = 0
+    plain = run(Book.objects.all())
+    if call == "fetch":
+        list(plain)
+    assert Counted.runs == 1
+    Counted.runs = 0
+    resolve(run(Book.objects.run_async()))
+    assert Counted.runs == 1
