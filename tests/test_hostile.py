@@ -447,3 +447,18 @@ def test_a_custom_expression_is_compiled_once_per_call_as_in_django(books, call)
     Counted.runs = 0
     resolve(run(Book.objects.run_async()))
     assert Counted.runs == 1
+
+
+class SlottedQuerySet(AsyncQuerySetMixin, models.QuerySet):
+    """A custom QuerySet with a slot of its own: valid Python, fine for Django."""
+
+    __slots__ = ("tenant",)
+
+
+def test_a_custom_queryset_with_slots_can_run_a_background_terminal(books):
+    """Plain Django counts. The dry run assigns ``__class__ = QuerySet``, which Python
+    refuses for a different layout: TypeError at every background terminal."""
+    manager = SlottedQuerySet.as_manager()
+    manager.model = Book
+    assert manager.count() == 6
+    assert resolve(manager.run_async().count()) == 6
