@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-from django.db import connection, models
+from django.db import models
 
 import asynchrormous
 from asynchrormous import AsyncQuerySetMixin, resolve
@@ -48,7 +48,8 @@ def test_bulk_create_of_a_batch_list_cleared_after_the_call_creates_the_batch(
 def test_create_with_a_dict_mutated_after_the_call_stores_the_value_at_the_call(
     books, one_busy_worker
 ):
-    """Plain Django stores ``{"v": 1}``; here the worker saves the dict as mutated later."""
+    """Plain Django stores ``{"v": 1}``; here the worker saves the dict as it is
+    after the caller's later mutation."""
     payload = {"v": 1}
     doc = Document.objects.run_async().create(data=payload)
     payload["v"] = 2
@@ -60,7 +61,8 @@ def test_create_with_a_dict_mutated_after_the_call_stores_the_value_at_the_call(
 def test_update_with_a_list_mutated_after_the_call_writes_the_value_at_the_call(
     books, one_busy_worker
 ):
-    """Plain Django's UPDATE uses the value given; here the worker uses the mutated one."""
+    """Plain Django's UPDATE uses the value given; here the worker uses the list as
+    mutated after the call."""
     doc = Document.objects.create(data=[])
     value = [1]
     n = Document.objects.run_async().filter(pk=doc.pk).update(data=value)
@@ -234,7 +236,8 @@ def _restart_with_new_settings():
 
 
 @pytest.mark.parametrize(
-    "body", [asynchrormous.shutdown, _restart_with_new_settings],
+    "body",
+    [asynchrormous.shutdown, _restart_with_new_settings],
     ids=["shutdown", "override_settings"],
 )
 def test_shutdown_called_inside_a_background_job_does_not_raise(books, body):
@@ -260,13 +263,19 @@ def test_shutdown_after_shutdown_wait_false_still_waits_for_the_workers(books):
     """
     started, release = threading.Event(), threading.Event()
     job = submit(
-        _wait_then_report, started, release, alias="default", writes=False,
+        _wait_then_report,
+        started,
+        release,
+        alias="default",
+        writes=False,
         description="long job",
     )
     assert started.wait(10)
     asynchrormous.shutdown(wait=False)
     asynchrormous.shutdown(timeout=10)
-    alive = [t.name for t in threading.enumerate() if t.name.startswith("asynchrormous-")]
+    alive = [
+        t.name for t in threading.enumerate() if t.name.startswith("asynchrormous-")
+    ]
     release.set()
     job.result(10)
     assert alive == []
@@ -341,11 +350,16 @@ def test_read_your_writes_holds_when_another_thread_shares_the_connection(books)
     conn.ensure_connection()
     release = threading.Event()
     write = submit(
-        _write_after, release, "mine", alias="default", writes=True,
+        _write_after,
+        release,
+        "mine",
+        alias="default",
+        writes=True,
         description="my write",
     )
     conn.inc_thread_sharing()
     try:
+
         def server_thread():
             connections["default"] = conn  # as LiveServerThread does
             Author.objects.exists()
@@ -388,7 +402,7 @@ async def test_shutdown_during_an_async_atomic_block_leaves_no_worker_running(bo
 
 
 class ReadsOfPublisherGoToAReplica:
-    """Reads of Publisher go to a replica alias (not configured here); writes to default."""
+    """Reads of Publisher go to a replica (not configured here); writes to default."""
 
     def db_for_read(self, model, **hints):
         return "replica" if model is Publisher else None
@@ -431,6 +445,7 @@ def test_a_custom_expression_is_compiled_once_per_call_as_in_django(books, call)
     worker". Plain Django compiles once per call; here the caller compiles in the
     dry run (or _submit_fetch) and the worker compiles again: as_sql() runs twice.
     """
+
     def run(qs):
         if call == "update":
             return qs.filter(pk=books[0].pk).update(pages=Counted(models.F("pages")))
