@@ -24,56 +24,57 @@ from django.utils.tree import Node
 __all__ = ["Deferred", "dry_run", "encode", "frozen"]
 
 
-def frozen(value: Any) -> Any:
-    """``value`` with each iterator in it, at any depth, made a list of its items.
+def frozen(value: Any, *, iterators: bool = True) -> Any:
+    """``value`` as it is at the call, for a run that comes later on a worker.
 
-    Looks into lists, tuples, dicts, ``Q`` trees and expressions (``When``,
-    ``Count(filter=...)``, ``RawSQL`` params, ...); everything else is left alone,
-    and so is any part with no iterator in it (no copy is made). An iterator
-    reachable twice (an expression keeps its constructor's arguments too) becomes
-    one list.
+    Lists, dicts and sets are copied, and each iterator is made a list of its
+    items (``iterators=False`` leaves them alone, for field values Django would
+    reject), at any depth: in ``Q`` trees and in expressions (``When``,
+    ``Count(filter=...)``, ``RawSQL`` params, ...) too, which are copied where
+    they hold either. Anything else (model instances, querysets) is shared.
+    A value reachable twice (an expression keeps its constructor's arguments
+    too) is captured once.
     """
-    return _frozen(value, {})
+    return _Capture(iterators).take(value)
 
 
-def _frozen(value: Any, memo: dict[int, Any]) -> Any:
-    if isinstance(value, Iterator):
-        if id(value) not in memo:
-            memo[id(value)] = [_frozen(item, memo) for item in value]
-        return memo[id(value)]
-    if type(value) in (list, tuple):
-        items = [_frozen(item, memo) for item in value]
-        if any(new is not old for new, old in zip(items, value, strict=True)):
-            return type(value)(items)
-        return value
-    if type(value) is dict:
-        entries = {key: _frozen(item, memo) for key, item in value.items()}
-        if any(entries[key] is not item for key, item in value.items()):
-            return entries
-        return value
-    if isinstance(value, Node):  # Q and its children: ("pk__in", <generator>)
-        if id(value) not in memo:
-            children = _frozen(value.children, memo)
-            node = value
-            if children is not value.children:
-                node = copy.copy(value)
-                node.children = children
-            memo[id(value)] = node
-        return memo[id(value)]
-    if isinstance(value, (BaseExpression, Combinable)) and not isinstance(value, Query):
-        if id(value) not in memo:
-            changed = {}
-            for name, attr in vars(value).items():
-                new = _frozen(attr, memo)
-                if new is not attr:
-                    changed[name] = new
-            expression = value
-            if changed:
-                expression = copy.copy(value)
-                vars(expression).update(changed)
-            memo[id(value)] = expression
-        return memo[id(value)]
-    return value
+class _Capture:
+    def __init__(self, iterators: bool) -> None:
+        self.iterators = iterators
+        self.memo: dict[int, Any] = {}
+
+    def take(self, value: Any) -> Any:
+        kind = type(value)
+        if kind in _ATOMS:
+            return value
+        key = id(value)
+        if key in self.memo:
+            return self.memo[key]
+        if kind is list or (self.iterators and isinstance(value, Iterator)):
+            taken: Any = [self.take(item) for item in value]
+        elif kind is dict:
+            taken = {k: self.take(item) for k, item in value.items()}
+        elif kind is set:
+            taken = {self.take(item) for item in value}
+        elif kind is tuple:
+            items = tuple(self.take(item) for item in value)
+            changed = any(new is not old for new, old in zip(items, value, strict=True))
+            taken = items if changed else value
+        elif isinstance(value, Node):  # Q and its children: ("pk__in", <generator>)
+            taken = copy.copy(value)
+            taken.children = self.take(value.children)
+        elif isinstance(value, (BaseExpression, Combinable)) and not isinstance(
+            value, Query
+        ):
+            taken = copy.copy(value)
+            vars(taken).update({k: self.take(v) for k, v in vars(value).items()})
+        else:
+            taken = value
+        self.memo[key] = taken
+        return taken
+
+
+_ATOMS = frozenset({int, str, float, bool, type(None), bytes})
 
 
 class Deferred(BaseException):

@@ -80,6 +80,16 @@ def _refers_to_outer_query(query: Query) -> bool:
     return any(isinstance(e, ResolvedOuterRef) for e in _expressions(query))
 
 
+def _after_mixin(cls: type, name: str) -> Any:
+    """The attribute ``name`` as the class after AsyncQuerySetMixin in ``cls``'s MRO
+    has it: Django's method, or a base's override of it."""
+    mro = cls.__mro__
+    for base in mro[mro.index(AsyncQuerySetMixin) + 1 :]:
+        if name in vars(base):
+            return vars(base)[name]
+    raise AttributeError(name)
+
+
 def _save_new(obj: Any, using: str) -> Any:
     obj.save(force_insert=True, using=using)
     return obj
@@ -271,36 +281,31 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     ) -> Any:
         """Run terminal ``name`` with Django's checks now and its database work later.
 
-        The arguments are frozen (iterators made lists) so that both runs below see
-        the same values. Django's own method first runs on a plain-QuerySet clone up
-        to its first statement (see ``calls.dry_run``); if it answers without one (a
-        filled result cache), that is the value. Otherwise the method after this
-        mixin in the class's MRO is submitted: an override above the mixin, which
-        called us through ``super()``, has already run, once, here.
+        The method is the one after this mixin in the class's MRO (Django's, or a
+        base's): an override above the mixin, which called us through ``super()``,
+        has run already, once, here. It first runs on the caller up to its first
+        statement (see ``calls.dry_run``); if it answers without one (a filled
+        result cache), that was its one run, and that is the value. Otherwise it
+        runs again on a worker. Its arguments are captured at the call (``frozen``:
+        iterators made lists, containers copied), so both runs see the same values.
         """
         writes = name in _WRITES
         args, kwargs = frozen(args), frozen(kwargs)
         qs, db = self._terminal_clone(writes)
-        own_class = qs.__class__
-        # Django's code only: no user override runs twice.
-        qs.__class__ = QuerySet
+        method = getattr(super(AsyncQuerySetMixin, qs), name)
         try:
             with dry_run(db):
-                value = getattr(qs, name)(*args, **kwargs)
+                return method(*args, **kwargs)
         except (Deferred, SynchronousOnlyOperation):
             # SynchronousOnlyOperation: called from async code, Django wanted the
             # server's version first; the worker will do those checks.
             pass
-        else:
-            return value
-        finally:
-            qs.__class__ = own_class
         qs._result_cache = None
         if name in _INVALIDATING:
             self._invalidate()
         job = submit(
             _call if writes else _read,
-            getattr(super(AsyncQuerySetMixin, qs), name),
+            method,
             args,
             kwargs,
             alias=db,
@@ -389,6 +394,9 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     def create(self, **kwargs: Any) -> _T:
         if not self._background:
             return super().create(**kwargs)
+        if _after_mixin(type(self), "create") is not QuerySet.create:
+            # A base below the mixin has its own create(): run that, once.
+            return self._background_call("create", None, **kwargs)
         # Build the instance here (bad fields raise now, signals fire once, in the
         # worker's save) and save it in the background.
         reverse_one_to_one = frozenset(kwargs).intersection(
@@ -396,7 +404,9 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         )
         if reverse_one_to_one:
             super().create(**kwargs)  # raises Django's own ValueError
-        kwargs = frozen(kwargs)
+        # Field values as they are now; an iterator is left for the field to reject.
+        kwargs = frozen(kwargs, iterators=False)
+        self._for_write = True
         db = self.db
         connection = connections[db]
         connection.validate_no_broken_transaction()
@@ -412,7 +422,6 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
                 value = field.value_from_object(obj)
                 if not hasattr(value, "resolve_expression"):
                     encode(field.get_db_prep_save(value, connection))
-        self._for_write = True
         job = submit(
             _save_new,
             obj,
