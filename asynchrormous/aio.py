@@ -18,7 +18,13 @@ from .conf import get_settings
 from .exceptions import ResultTimeout
 from .pins import Pin, pinned, stream_pins
 from .pool import get_pool
-from .results import _pending_writes, await_job, must_run_inline, submit
+from .results import (
+    await_job,
+    must_run_inline,
+    prerequisites,
+    submit,
+    track_pending,
+)
 from .signals import instrumented, job_finished
 
 __all__ = ["on_callers_sync_thread", "run", "stream", "sync_to_async"]
@@ -85,7 +91,7 @@ async def stream(
         own = pin = Pin(get_pool(), alias, task, holds_slot=False)
         stream_pins.setdefault(task, {})[alias] = own
     # The caller's earlier writes come first, as for any of its queries.
-    before = list(_pending_writes(alias)) if own is not None else []
+    before = prerequisites(alias, writes=False) if own is not None else []
     timeout = get_settings().timeout
     rows: list[Iterator[Any]] = []  # the iterator, touched on the pin's thread only
 
@@ -126,4 +132,4 @@ async def stream(
                 del stream_pins[task][alias]
             own.release()
             # The task's later queries wait for what it queued on the stream's pin.
-            _pending_writes(alias).append(closed)
+            track_pending(alias, closed, writes=True)

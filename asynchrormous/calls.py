@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.core.exceptions import EmptyResultSet
 from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.expressions import BaseExpression, Combinable
 from django.db.models.sql import Query
 from django.db.models.sql.compiler import SQLCompiler
 from django.utils.tree import Node
 
-__all__ = ["Deferred", "dry_run", "encode", "frozen"]
+__all__ = ["Compiled", "Deferred", "check_transaction", "dry_run", "encode", "frozen"]
 
 
 def frozen(value: Any, *, iterators: bool = True) -> Any:
@@ -90,6 +91,34 @@ class Deferred(BaseException):
 _dry_running = threading.local()
 
 
+class Compiled:
+    """A fetch's query compiled on the caller, for the worker to execute as it is.
+
+    The caller compiles anyway (a bad query must fail at the call); the worker
+    then sends that SQL instead of compiling it a second time.
+    """
+
+    def __init__(self, query: Query, using: str) -> None:
+        self.compiler = query.get_compiler(using=using)
+        self.empty = False
+        try:
+            self.sql = self.compiler.as_sql()
+        except EmptyResultSet:
+            self.empty = True  # Django then returns no rows, without a statement
+
+    def install(self, query: Query) -> None:
+        """Make ``query`` (the worker's private copy) execute this compilation."""
+        compiler = self.compiler
+        compiler.connection = connections[compiler.using]  # the worker's own
+        compiler.as_sql = self._as_sql
+        query.get_compiler = lambda *args, **kwargs: compiler  # type: ignore[method-assign]
+
+    def _as_sql(self, *args: Any, **kwargs: Any) -> Any:
+        if self.empty:
+            raise EmptyResultSet
+        return self.sql
+
+
 def encode(prepared: Any) -> None:
     """Encode a value psycopg would encode only while sending it (JSON's Jsonb).
 
@@ -143,6 +172,15 @@ class _CompilerLookup:
         return compiler
 
 
+def check_transaction(alias: str) -> None:
+    """Raise Django's TransactionManagementError in a broken atomic() block.
+
+    Django's own check only: a call sends nothing itself (transaction.py guards
+    each statement of a connection against escaping an async block).
+    """
+    BaseDatabaseWrapper.validate_no_broken_transaction(connections[alias])
+
+
 @contextlib.contextmanager
 def dry_run(alias: str) -> Iterator[None]:
     """Run Django's own code up to the first statement it would send on ``alias``.
@@ -151,17 +189,33 @@ def dry_run(alias: str) -> Iterator[None]:
     ``atomic()`` block) raises here, on the caller's thread, with Django's types and
     messages. No statement reaches the database.
     """
+    check_transaction(alias)
     conn = connections[alias]
-    conn.validate_no_broken_transaction()
     ops = conn.ops
     if not isinstance(vars(ops).get("compiler"), _CompilerLookup):
         ops.compiler = _CompilerLookup(ops.compiler)  # type: ignore[method-assign,assignment]
     needs_rollback = conn.needs_rollback
+    conn.execute_wrappers.insert(0, _no_begin)
     _dry_running.active = True
     try:
         yield
     finally:
         _dry_running.active = False
+        conn.execute_wrappers.remove(_no_begin)
         # An atomic(savepoint=False) unwound by Deferred must not doom the caller's
         # own transaction when work runs inline.
         conn.needs_rollback = needs_rollback
+
+
+def _no_begin(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+) -> Any:
+    """Keep the BEGIN of an atomic() block a dry run enters from the database.
+
+    SQLite sends it as a statement (the other backends only switch autocommit):
+    it would take the database's write lock, and wait for the caller's own
+    pending writes, at the call.
+    """
+    if getattr(_dry_running, "active", False) and sql.startswith("BEGIN"):
+        return None
+    return execute(sql, params, many, context)

@@ -144,8 +144,10 @@ class Pin:
         else at once: asyncio's finalizer takes it off the loop's list of live
         generators, though the generator's aclose() runs only later.
         """
-        if self.closed is not None:
-            return False
+        if self._released:
+            return (
+                False  # a pin shutdown() closed still holds its task's work: it fails
+            )
         ref = self.generator
         if ref is None:
             return True

@@ -314,6 +314,8 @@ class WorkerPool(Executor):
             return
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
+            if thread is threading.current_thread():
+                continue  # shut down from one of its own jobs: it stops after it
             remaining = (
                 None if deadline is None else max(0.0, deadline - time.monotonic())
             )
@@ -334,6 +336,11 @@ class WorkerPool(Executor):
                     "asynchrormous worker %s still running after shutdown",
                     thread.name,
                 )
+
+    def stopped(self) -> bool:
+        """Whether every worker has exited (and closed its connections)."""
+        with self._lock:
+            return not any(thread.is_alive() for thread in self._threads)
 
     def _drain(self) -> list[WorkItem]:
         items: list[WorkItem] = []
@@ -377,13 +384,23 @@ def shutdown(wait: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> None
     global _pool
     with _pool_lock:
         pool, _pool = _pool, None
-    if pool is not None:
+        if pool is not None:
+            _stopping.add(pool)
+        stopping = list(_stopping)
+    for pool in stopping:
         if timeout is DEFAULT_TIMEOUT:
             timeout = pool.settings.timeout
         # Pinned work and blocks waiting for a worker fail now, and free the workers.
         for hook in pool.shutdown_hooks:
             hook("asynchrormous.shutdown() stopped the pool")
         pool.shutdown(wait=wait, cancel_futures=True, timeout=timeout)
+        if pool.stopped():
+            _stopping.discard(pool)
+
+
+# Pools shut down whose workers may still run (shutdown(wait=False), a timeout): a
+# later shutdown() waits for them too.
+_stopping: set[WorkerPool] = set()
 
 
 @receiver(setting_changed)
@@ -402,6 +419,8 @@ def _after_fork_in_child() -> None:
     global _pool, _pool_lock
     if _pool is not None:
         _abandoned_in_fork.append(_pool)
+    _abandoned_in_fork.extend(_stopping)
+    _stopping.clear()
     _pool = None
     _pool_lock = threading.Lock()
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
 
-from django.core.exceptions import EmptyResultSet, SynchronousOnlyOperation
+from django.core.exceptions import SynchronousOnlyOperation
 from django.db import connections, router
 from django.db.models import Manager, Model, QuerySet
 from django.db.models.expressions import ResolvedOuterRef
@@ -23,7 +23,7 @@ from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
 from . import aio
-from .calls import Deferred, dry_run, encode, frozen
+from .calls import Compiled, Deferred, check_transaction, dry_run, encode, frozen
 from .exceptions import AsynchrormousError, ResultTimeout
 from .pool import read_with_reconnect
 from .results import DEFAULT, Job, await_job, lazy_result, submit
@@ -51,7 +51,9 @@ def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
     return rows
 
 
-def _fetch(queryset: QuerySet[Any]) -> list[Any]:
+def _fetch(queryset: QuerySet[Any], compiled: Compiled | None = None) -> list[Any]:
+    if compiled is not None:
+        compiled.install(queryset.query)
     return read_with_reconnect(queryset.db, _fetch_rows, queryset)
 
 
@@ -159,14 +161,18 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
 
     def _submit_fetch(self) -> Job:
         db = self.db
-        connections[db].validate_no_broken_transaction()
-        # Compile on the caller: a bad query raises here, not where it is used. From
-        # async code, a compilation needing the server's version is left to the worker.
-        with contextlib.suppress(EmptyResultSet, SynchronousOnlyOperation):
-            self.query.get_compiler(using=db).as_sql()
+        check_transaction(db)
+        clone = self._fetch_clone(db)
+        # Compile on the caller: a bad query raises here, not where it is used; the
+        # worker sends the same SQL. From async code, a compilation needing the
+        # server's version is left to the worker.
+        compiled = None
+        with contextlib.suppress(SynchronousOnlyOperation):
+            compiled = Compiled(clone.query, db)
         return submit(
             _fetch,
-            self._fetch_clone(db),
+            clone,
+            compiled,
             alias=db,
             writes=False,
             description=f"fetch of {self._describe()}",
@@ -408,8 +414,8 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         kwargs = frozen(kwargs, iterators=False)
         self._for_write = True
         db = self.db
+        check_transaction(db)
         connection = connections[db]
-        connection.validate_no_broken_transaction()
         obj: Any = self.model(**kwargs)
         # What Django checks while it prepares the INSERT, checked here, at the call:
         # unsaved related objects, and each value as the field sends it ("Field

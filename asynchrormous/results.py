@@ -37,8 +37,10 @@ __all__ = [
     "is_ready",
     "job_of",
     "lazy_result",
+    "prerequisites",
     "resolve",
     "submit",
+    "track_pending",
     "wait",
 ]
 
@@ -255,25 +257,26 @@ def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
         conn.close()
 
 
-class _Writes:
-    """One caller's background writes that may still run, by alias.
+class _Pending:
+    """One caller's background jobs that may still run, by alias.
 
     A caller is a thread or an asyncio task. ``parent`` is the caller whose
     context this one inherited (a task's creator; the sync thread an
-    ``async_to_sync`` helper runs for): its earlier writes come first too.
+    ``async_to_sync`` helper runs for): its earlier jobs come first too.
     """
 
-    __slots__ = ("by_alias", "owner", "parent", "pid")
+    __slots__ = ("owner", "parent", "pid", "reads", "writes")
 
-    def __init__(self, owner: Any, parent: _Writes | None) -> None:
+    def __init__(self, owner: Any, parent: _Pending | None) -> None:
         self.owner = owner
         self.parent = parent
         self.pid = os.getpid()
-        self.by_alias: dict[str, list[concurrent.futures.Future[Any]]] = {}
+        self.reads: dict[str, list[concurrent.futures.Future[Any]]] = {}
+        self.writes: dict[str, list[concurrent.futures.Future[Any]]] = {}
 
 
-_writes: contextvars.ContextVar[_Writes | None] = contextvars.ContextVar(
-    "asynchrormous_writes", default=None
+_pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
+    "asynchrormous_pending", default=None
 )
 
 
@@ -284,45 +287,58 @@ def _current_task() -> asyncio.Task[Any] | None:
         return None
 
 
-def _caller_writes() -> _Writes:
-    """The calling thread's, or asyncio task's, own record of background writes.
+def _callers_pending() -> _Pending:
+    """The calling thread's, or asyncio task's, own record of background jobs.
 
     Per task, not per event-loop thread: concurrent tasks never wait on each other.
-    A forked child starts with none: its parent's writes are not its own.
+    A forked child starts with none: its parent's jobs are not its own.
     """
     task = _current_task()
     owner = threading.current_thread() if task is None else task
-    writes = _writes.get()
-    if writes is None or writes.owner is not owner or writes.pid != os.getpid():
-        parent = writes if writes is not None and writes.pid == os.getpid() else None
-        writes = _Writes(owner, parent)
-        _writes.set(writes)
-    return writes
-
-
-def _pending_writes(alias: str) -> list[concurrent.futures.Future[Any]]:
-    """This caller's background writes on ``alias`` that may still be running."""
-    writes: _Writes | None = _caller_writes()
-    own = writes.by_alias.get(alias)  # type: ignore[union-attr]
-    if own:
-        own[:] = [f for f in own if not f.done()]
-    pending: list[concurrent.futures.Future[Any]] = []
-    while writes is not None:
-        pending.extend(f for f in writes.by_alias.get(alias, ()) if not f.done())
-        writes = writes.parent
+    pending = _pending.get()
+    if pending is None or pending.owner is not owner or pending.pid != os.getpid():
+        parent = pending if pending is not None and pending.pid == os.getpid() else None
+        pending = _Pending(owner, parent)
+        _pending.set(pending)
     return pending
 
 
-class _WriteBarrier:
-    """Execute wrapper on the caller's connection: pending writes finish first.
+def prerequisites(alias: str, *, writes: bool) -> list[concurrent.futures.Future[Any]]:
+    """What this caller's next job on ``alias`` must wait for, as in plain code.
 
-    Installed while the caller has background writes in flight, so a plain query it
-    makes afterwards reads its own writes without calling ``resolve()``. It goes
-    first in the list, so a user's ``execute_wrapper()`` block still pops its own.
+    Every job waits for the caller's earlier writes (it reads them); a write also
+    waits for the caller's earlier reads (they read the rows as they were).
+    """
+    record: _Pending | None = _callers_pending()
+    kinds = ("writes", "reads") if writes else ("writes",)
+    for kind in ("writes", "reads"):
+        own = getattr(record, kind).get(alias)
+        if own:
+            own[:] = [f for f in own if not f.done()]
+    found: list[concurrent.futures.Future[Any]] = []
+    while record is not None:
+        for kind in kinds:
+            found.extend(
+                f for f in getattr(record, kind).get(alias, ()) if not f.done()
+            )
+        record = record.parent
+    return found
+
+
+class _Barrier:
+    """Execute wrapper on a caller's connection: its pending jobs come first.
+
+    Installed while the caller has background jobs in flight, so a plain query it
+    makes afterwards reads its own writes without calling ``resolve()``, and a
+    plain write comes after its earlier reads. It goes first in the list, so a
+    user's ``execute_wrapper()`` block still pops its own. Another thread sharing
+    the connection (LiveServerTestCase) waits for its own jobs only, and never
+    removes it.
     """
 
-    def __init__(self, alias: str) -> None:
+    def __init__(self, alias: str, owner: _Pending) -> None:
         self.alias = alias
+        self.owner = owner
 
     def __call__(
         self,
@@ -332,24 +348,34 @@ class _WriteBarrier:
         many: bool,
         context: Any,
     ) -> Any:
-        self.drain()
+        self.drain(writes=not _is_read(sql))
         return execute(sql, params, many, context)
 
-    def drain(self) -> None:
-        pending = _pending_writes(self.alias)
+    def drain(self, *, writes: bool = True) -> None:
+        pending = prerequisites(self.alias, writes=writes)
         if pending:
-            what = f"the pending background writes on {self.alias!r}"
+            what = f"the pending background jobs on {self.alias!r}"
             _wait_all(pending, DEFAULT, what)
-        wrappers = connections[self.alias].execute_wrappers
-        if self in wrappers:
-            wrappers.remove(self)
+        if _callers_pending() is self.owner and not prerequisites(
+            self.alias, writes=True
+        ):
+            wrappers = connections[self.alias].execute_wrappers
+            if self in wrappers:
+                wrappers.remove(self)
 
 
-def _track_write(alias: str, future: concurrent.futures.Future[Any]) -> None:
-    _caller_writes().by_alias.setdefault(alias, []).append(future)
+def _is_read(sql: str) -> bool:
+    return sql.lstrip()[:6].upper() == "SELECT"
+
+
+def track_pending(
+    alias: str, future: concurrent.futures.Future[Any], *, writes: bool
+) -> None:
+    pending = _callers_pending()
+    (pending.writes if writes else pending.reads).setdefault(alias, []).append(future)
     wrappers = connections[alias].execute_wrappers
-    if not any(isinstance(w, _WriteBarrier) for w in wrappers):
-        wrappers.insert(0, _WriteBarrier(alias))
+    if not any(isinstance(w, _Barrier) and w.owner is pending for w in wrappers):
+        wrappers.insert(0, _Barrier(alias, pending))
 
 
 def _run_after(
@@ -404,15 +430,14 @@ def submit(
     if pin is not None:
         # Inside the task's async atomic() block: on its worker, in order.
         return Job(pin.submit(fn, *args), description, running=running)
-    pending = _pending_writes(alias)
-    if pending:
+    before = prerequisites(alias, writes=writes)
+    if before:
         future = _on_the_pool(
-            writes, description, _run_after, pending, get_settings().timeout, fn, *args
+            writes, description, _run_after, before, get_settings().timeout, fn, *args
         )
     else:
         future = _on_the_pool(writes, description, fn, *args)
-    if writes:
-        _track_write(alias, future)
+    track_pending(alias, future, writes=writes)
     return Job(future, description, running=running)
 
 

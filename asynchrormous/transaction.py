@@ -324,17 +324,14 @@ async def get_rollback(using: str | None = None) -> bool:
     )
 
 
-def _no_escape(
-    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
-) -> Any:
-    """Execute wrapper: refuse a statement that would run outside the open block.
+def _refuse_escape(alias: str) -> None:
+    """Refuse a statement on ``alias`` that would run outside the open block.
 
     Sync code gets the block's pin in its copied context (sync_to_async, to_thread);
     a statement it sends on another thread's connection is not in the transaction.
     """
     held = pins.get()
     if held is not None:
-        alias = context["connection"].alias
         pin = held.get(alias)
         if (
             pin is not None
@@ -350,13 +347,23 @@ def _no_escape(
                 f"the sync code with await asynchrormous.aio.run(fn, alias={alias!r}, "
                 f"writes=True, description=...)."
             )
-    return execute(sql, params, many, context)
 
 
 def _guard_connection(sender: Any, connection: Any, **kwargs: Any) -> None:
-    # First, so Django's execute_wrapper() (which pops the last) never removes it.
-    if _no_escape not in connection.execute_wrappers:
-        connection.execute_wrappers.insert(0, _no_escape)
+    """Check every statement of ``connection`` for an escape from a block.
+
+    Where Django checks each statement against a broken transaction (not in
+    ``execute_wrappers``, which code and Django's own tests compare).
+    """
+    if "validate_no_broken_transaction" in vars(connection):
+        return
+    validate = connection.validate_no_broken_transaction
+
+    def validate_no_broken_transaction() -> None:
+        _refuse_escape(connection.alias)
+        validate()
+
+    connection.validate_no_broken_transaction = validate_no_broken_transaction
 
 
 connection_created.connect(_guard_connection)

@@ -1,6 +1,7 @@
 """Helpers that make the database report where and how long a query ran."""
 
 import os
+import threading
 
 import pytest
 from django.db import connection
@@ -49,3 +50,29 @@ not_shared_cache = pytest.mark.skipif(
     os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
     reason="in-memory shared-cache SQLite",
 )
+
+
+def occupy_a_worker(release, timeout=10):
+    """A job that holds a worker until ``release`` is set (at most ``timeout`` s).
+
+    Submitted from another thread, so it is not one of the test's own pending
+    jobs: a plain write of the test would wait for those (it comes after its reads).
+    """
+    from asynchrormous.results import submit
+
+    jobs = []
+    thread = threading.Thread(
+        target=lambda: jobs.append(
+            submit(
+                release.wait,
+                timeout,
+                alias="default",
+                writes=False,
+                description="busy worker",
+            )
+        )
+    )
+    thread.start()
+    thread.join(timeout)
+    (job,) = jobs
+    return job

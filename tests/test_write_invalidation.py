@@ -14,7 +14,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from asynchrormous import is_ready, resolve, wait
-from asynchrormous.results import submit
+from tests.helpers import occupy_a_worker
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -48,9 +48,7 @@ def unconsumed(request, settings):
         return
     settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0}
     release = threading.Event()
-    blocker = submit(
-        release.wait, 10, alias="default", writes=False, description="busy worker"
-    )
+    blocker = occupy_a_worker(release)
     try:
         yield Unconsumed(release)
     finally:
