@@ -31,6 +31,7 @@ from django.test import override_settings
 import asynchrormous
 from asynchrormous import Cancelled, ResultTimeout, resolve
 from asynchrormous.pool import get_pool
+from asynchrormous.results import submit
 from tests.regression_helpers import (
     paused_on_first_call,
     slow_same,
@@ -240,12 +241,16 @@ _inherited_connections = []
 
 
 def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
-    with override_settings(ASYNCHRORMOUS={"WORKERS": 2, "TIMEOUT": 3.0}):
-        write = (
-            Book.objects.run_async()
-            .filter(pk=books[0].pk)
-            .update(year=slow_same("year", 1.5))
+    """The write waits behind a job held on an event until the child has reported,
+    so it is pending at the fork, deterministically; the worker waits in Python, not
+    inside the database driver (a fork while another thread holds SQLite's or a
+    driver's internal mutex can deadlock the child whatever the library does)."""
+    released = threading.Event()
+    with override_settings(ASYNCHRORMOUS={"WORKERS": 1, "TIMEOUT": 3.0}):
+        held = submit(
+            released.wait, 10, alias="default", writes=True, description="held"
         )
+        write = Book.objects.run_async().filter(pk=books[0].pk).update(year=1)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report, never return into pytest
@@ -273,6 +278,7 @@ def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
             with os.fdopen(read_end, closefd=False) as pipe:
                 report = pipe.read()
         finally:
+            released.set()
             os.close(read_end)
             deadline = time.monotonic() + 10
             while os.waitpid(pid, os.WNOHANG) == (0, 0):
@@ -284,7 +290,9 @@ def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
         assert report.startswith("ok 6 "), report
         seconds = float(report.split()[-2])
         assert seconds < 1.5, f"the child waited for its parent's write: {report}"
+        assert held.result(10) is True
         assert resolve(write, timeout=10) == 1
+    assert Book.objects.get(pk=books[0].pk).year == 1
 
 
 # -- A user's own execute_wrapper() around a background write ---------------------
