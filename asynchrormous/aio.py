@@ -15,10 +15,10 @@ from typing import Any
 from asgiref.sync import AsyncToSync, sync_to_async
 
 from .conf import get_settings
-from .exceptions import ResultTimeout
 from .pins import Pin, pinned, stream_pins
 from .pool import get_pool
 from .results import (
+    await_future,
     await_job,
     must_run_inline,
     prerequisites,
@@ -53,21 +53,6 @@ async def run(
         return await sync_to_async(fn, thread_sensitive=True)(*args)
     job = submit(fn, *args, alias=alias, writes=writes, description=description)
     return await await_job(job)
-
-
-async def _await_chunk(future: concurrent.futures.Future[Any], what: str) -> Any:
-    """A chunk job's value, bounded by TIMEOUT; a cancel drops it if still queued."""
-    timeout = get_settings().timeout
-    try:
-        async with asyncio.timeout(timeout):
-            return await asyncio.wrap_future(future)
-    except TimeoutError:
-        if future.done() and not future.cancelled():
-            raise  # the job's own TimeoutError
-        raise ResultTimeout(
-            f"{what} was not ready after {timeout:.2f} s; raise "
-            f"ASYNCHRORMOUS['TIMEOUT']."
-        ) from None
 
 
 async def stream(
@@ -118,7 +103,7 @@ async def stream(
     ahead: concurrent.futures.Future[Any] | None = fetch(first)
     try:
         while ahead is not None:
-            chunk = await _await_chunk(ahead, description)
+            chunk = await await_future(ahead, description)
             ahead = fetch(next_chunk) if len(chunk) == chunk_size else None
             for row in chunk:
                 yield row

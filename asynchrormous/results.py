@@ -31,6 +31,7 @@ from .signals import instrumented, job_finished
 __all__ = [
     "Job",
     "LazyObjectResult",
+    "await_future",
     "await_job",
     "cancel",
     "is_background_queryset",
@@ -467,6 +468,42 @@ async def await_job(job: Job, *, owned: bool = True) -> Any:
         ResultTimeout: not ready within TIMEOUT; the job goes on.
         Cancelled: someone else cancelled the job (``cancel()``, ``shutdown()``).
     """
+
+    def abandon() -> None:
+        if owned:
+            job.observed = True  # abandoned on purpose: nothing to report
+            if not job.future.cancel() and job.running is not None:
+                job.running.cancel()
+
+    await _until_done(job.future, job.description, abandon)
+    return job.result(0)
+
+
+async def await_future(future: concurrent.futures.Future[T], description: str) -> T:
+    """A future's value (a pin's job), waited for at most TIMEOUT.
+
+    Cancelling the awaiting task drops the job if it is still queued.
+
+    Raises:
+        ResultTimeout: not ready within TIMEOUT; the job goes on.
+        Cancelled: the job was cancelled (``shutdown()``) before it ran.
+    """
+    await _until_done(future, description, future.cancel)
+    if future.cancelled():
+        raise Cancelled(f"{description} was cancelled before it ran.")
+    return future.result(0)
+
+
+async def _until_done(
+    future: concurrent.futures.Future[Any],
+    description: str,
+    on_cancel: Callable[[], Any],
+) -> None:
+    """Wait for ``future`` without a thread of our own, at most TIMEOUT.
+
+    Only a cancel of the awaiting task raises CancelledError here: a future that
+    someone else cancelled is done, and its outcome is the caller's to raise.
+    """
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
 
@@ -474,22 +511,18 @@ async def await_job(job: Job, *, owned: bool = True) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             loop.call_soon_threadsafe(_set_ready, ready)
 
-    job.future.add_done_callback(wake)
+    future.add_done_callback(wake)
     timeout = _timeout(DEFAULT)
     try:
         done, _ = await asyncio.wait((ready,), timeout=timeout)
     except asyncio.CancelledError:
-        if owned:
-            job.observed = True  # abandoned on purpose: nothing to report
-            if not job.future.cancel() and job.running is not None:
-                job.running.cancel()
+        on_cancel()
         raise
     if not done:
         raise ResultTimeout(
-            f"{job.description} was not ready after {timeout:.2f} s; raise "
+            f"{description} was not ready after {timeout:.2f} s; raise "
             f"ASYNCHRORMOUS['TIMEOUT']."
         )
-    return job.result(0)
 
 
 def _set_ready(ready: asyncio.Future[None]) -> None:

@@ -30,25 +30,11 @@ from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import Pin, pin_board, pins, task_pin
 from .pool import get_pool
+from .results import await_future
 
 __all__ = ["AsyncAtomic", "atomic", "get_rollback", "on_commit", "set_rollback"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-async def on_pin(future: concurrent.futures.Future[Any], what: str) -> Any:
-    """Await a job of a pin, bounded by TIMEOUT; a cancel drops it if still queued."""
-    timeout = get_settings().timeout
-    try:
-        async with asyncio.timeout(timeout):
-            return await asyncio.wrap_future(future)
-    except TimeoutError:
-        if future.done() and not future.cancelled():
-            raise  # the job's own TimeoutError
-        raise ResultTimeout(
-            f"{what} was not ready after {timeout:.2f} s; raise "
-            f"ASYNCHRORMOUS['TIMEOUT']."
-        ) from None
 
 
 async def _pin_a_worker(alias: str, task: asyncio.Task[Any]) -> Pin:
@@ -59,9 +45,8 @@ async def _pin_a_worker(alias: str, task: asyncio.Task[Any]) -> Pin:
     if not claim.done():
         timeout = get_settings().timeout
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(asyncio.wrap_future(claim))
-        except TimeoutError:
+            await asyncio.shield(await_future(claim, "a worker for atomic()"))
+        except ResultTimeout:
             board.give_up(claim)
             raise ResultTimeout(
                 f"no worker was free for an atomic() block on {alias!r} after "
@@ -194,7 +179,7 @@ class AsyncAtomic(contextlib.AsyncContextDecorator):
         entered = pin.submit(entry.atomic.__enter__)
         try:
             # Shielded: a cancel must not leave the worker inside a half-known block.
-            await asyncio.shield(on_pin(entered, "atomic()"))
+            await asyncio.shield(await_future(entered, "atomic()"))
         except BaseException:
             # Whatever the entry opened is rolled back on the pin; then it is freed.
             pin.submit(_exit_if_entered, entry.atomic, entered)
@@ -239,7 +224,7 @@ class AsyncAtomic(contextlib.AsyncContextDecorator):
         try:
             # Shielded: even if the task is cancelled meanwhile, the commit or
             # rollback still runs on the worker, before the pin's release.
-            await asyncio.shield(on_pin(done, "the end of atomic()"))
+            await asyncio.shield(await_future(done, "the end of atomic()"))
         finally:
             self._leave(entry)
 
