@@ -2,8 +2,10 @@
 
 A background terminal runs Django's method on a worker. Before it is submitted, the
 caller runs the same method up to its first statement (the *dry run*), so Django's
-errors come at the call. Both runs see the same arguments: every iterator in them is
-turned into a list first, so each is consumed once, as in a plain call.
+errors come at the call. Both runs see the arguments as they were at the call
+(``frozen``): each iterator is consumed once, as in a plain call, and a list the
+caller changes afterwards changes nothing. A fetch's SQL is compiled here once
+(``Compiled``), and the worker sends it.
 """
 
 from __future__ import annotations

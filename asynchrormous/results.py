@@ -357,9 +357,8 @@ class _Barrier:
         if pending:
             what = f"the pending background jobs on {self.alias!r}"
             _wait_all(pending, DEFAULT, what)
-        if _callers_pending() is self.owner and not prerequisites(
-            self.alias, writes=True
-        ):
+        mine = _callers_pending() is self.owner or self.owner.pid != os.getpid()
+        if mine and not prerequisites(self.alias, writes=True):
             wrappers = connections[self.alias].execute_wrappers
             if self in wrappers:
                 wrappers.remove(self)
