@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import queue
+import select
 import threading
 import time
 import weakref
@@ -129,6 +130,31 @@ class WorkItem:
         return self.fn(*self.args, **self.kwargs)
 
 
+def _ended_by_server(raw: Any) -> bool:
+    """Whether the server ended this idle connection: something waits on its socket.
+
+    Between jobs a kept connection has nothing to read, unless the server said
+    goodbye (PostgreSQL's termination message, or end of file when MariaDB closes
+    it). One non-blocking poll, no round trip; SQLite has no socket.
+    """
+    fileno = getattr(raw, "fileno", None)
+    if fileno is None:
+        return False
+    try:
+        fd = fileno()
+    except Exception:
+        return False  # the driver could not say: let Django's checks decide
+    try:
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError, TypeError):
+        return True  # no usable socket left
+    return bool(readable)
+
+
 class _ConnectionKeeper:
     """Per-worker bookkeeping that keeps connections across jobs, with our own max age.
 
@@ -141,10 +167,14 @@ class _ConnectionKeeper:
         self.known: dict[str, Any] = {}
 
     def before_job(self) -> None:
-        # Drops a connection whose job left it broken, in a transaction, or too old.
+        # Drops a connection whose job left it broken, in a transaction, or too old,
+        # or that the server ended while it sat idle.
         for conn in connections.all(initialized_only=True):
             if conn.connection is not None:
                 try:
+                    if _ended_by_server(conn.connection):
+                        conn.close()
+                        continue
                     conn.close_if_unusable_or_obsolete()
                 except Exception:
                     # The job will open a new one, or fail with the reason itself.
