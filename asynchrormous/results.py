@@ -281,7 +281,7 @@ _pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
 )
 
 
-def _current_task() -> asyncio.Task[Any] | None:
+def current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
     except RuntimeError:  # no event loop in this thread
@@ -294,7 +294,7 @@ def _callers_pending() -> _Pending:
     Per task, not per event-loop thread: concurrent tasks never wait on each other.
     A forked child starts with none: its parent's jobs are not its own.
     """
-    task = _current_task()
+    task = current_task()
     owner = threading.current_thread() if task is None else task
     pending = _pending.get()
     if pending is None or pending.owner is not owner or pending.pid != os.getpid():
@@ -426,7 +426,7 @@ def submit(
         return Job(future, description)
     running = Running(alias)
     fn = running.track(fn)
-    pin = pinned(alias, _current_task())
+    pin = pinned(alias, current_task())
     if pin is not None:
         # Inside the task's async atomic() block: on its worker, in order.
         return Job(pin.submit(fn, *args), description, running=running)

@@ -30,7 +30,7 @@ from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import Pin, pin_board, pins, task_pin
 from .pool import get_pool
-from .results import await_future
+from .results import await_future, current_task
 
 __all__ = ["AsyncAtomic", "atomic", "get_rollback", "on_commit", "set_rollback"]
 
@@ -96,17 +96,10 @@ class _PinExecutor(concurrent.futures.Executor):
         self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:
         pin = self.pin
-        if pin.open and _current_task() is pin.task:
+        if pin.open and current_task() is pin.task:
             return pin.submit(_forget_asgiref_thread_state, fn, *args, **kwargs)
         # Another task, or the block is over: where Django would have run it.
         return SyncToAsync.single_thread_executor.submit(fn, *args, **kwargs)
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:
-        return None
 
 
 def _forget_asgiref_thread_state(fn: Callable[..., Any], *args: Any) -> Any:
