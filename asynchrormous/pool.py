@@ -173,6 +173,8 @@ class _ConnectionKeeper:
             if conn.connection is not None:
                 try:
                     if _ended_by_server(conn.connection):
+                        if getattr(conn, "pool", None):
+                            conn.connection.close()  # or the pool lends it out again
                         conn.close()
                         continue
                     conn.close_if_unusable_or_obsolete()
