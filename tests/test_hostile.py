@@ -33,8 +33,9 @@ def test_bulk_create_of_a_batch_list_cleared_after_the_call_creates_the_batch(
 ):
     """The usual batching loop: ``batch.clear()`` right after ``bulk_create(batch)``.
 
-    Plain Django has inserted the rows when bulk_create() returns. Here the worker
-    gets the caller's list object and finds it empty: the writes are lost.
+    Plain Django has inserted the rows when bulk_create() returns; the background
+    call captures the list at the call (it once handed the worker the caller's list,
+    found empty, and the writes were lost).
     """
     batch = [Publisher(name=f"batch {i}") for i in range(3)]
     made = Publisher.objects.run_async().bulk_create(batch)
@@ -47,8 +48,8 @@ def test_bulk_create_of_a_batch_list_cleared_after_the_call_creates_the_batch(
 def test_create_with_a_dict_mutated_after_the_call_stores_the_value_at_the_call(
     books, one_busy_worker
 ):
-    """Plain Django stores ``{"v": 1}``; here the worker saves the dict as it is
-    after the caller's later mutation."""
+    """Plain Django stores ``{"v": 1}``: the value at the call, not the dict as the
+    caller changes it afterwards."""
     payload = {"v": 1}
     doc = Document.objects.run_async().create(data=payload)
     payload["v"] = 2
@@ -60,8 +61,8 @@ def test_create_with_a_dict_mutated_after_the_call_stores_the_value_at_the_call(
 def test_update_with_a_list_mutated_after_the_call_writes_the_value_at_the_call(
     books, one_busy_worker
 ):
-    """Plain Django's UPDATE uses the value given; here the worker uses the list as
-    mutated after the call."""
+    """Plain Django's UPDATE uses the value given at the call, not the list as the
+    caller changes it afterwards."""
     doc = Document.objects.create(data=[])
     value = [1]
     n = Document.objects.run_async().filter(pk=doc.pk).update(data=value)
@@ -102,8 +103,8 @@ class NamedQuerySet(AsyncQuerySetMixin, models.QuerySet):
 def test_get_through_a_custom_filter_override_works_as_in_django(books):
     """Django's get() calls self.filter(): ``get(named=...)`` works in plain Django.
 
-    Here the dry run runs get() with the class swapped to plain QuerySet, so
-    QuerySet.filter() sees ``named`` and FieldError is raised at the call.
+    The dry run keeps the queryset's own class, so its filter() handles ``named``
+    (a dry run as plain QuerySet once raised FieldError at the call).
     """
     manager = NamedQuerySet.as_manager()
     manager.model = Book
@@ -126,9 +127,9 @@ class DefaultYearQuerySet(AsyncQuerySetMixin, DefaultYearBase):
 def test_create_runs_the_create_override_of_a_base_below_the_mixin(books):
     """``class QS(AsyncQuerySetMixin, TheirQuerySet)``, as documented.
 
-    Plain Django runs TheirQuerySet.create(): the row gets year 1234. The mixin's
-    create() builds and saves the instance itself and never calls the base's
-    override: the row gets the model default 2000.
+    Plain Django runs TheirQuerySet.create(): the row gets year 1234. So does the
+    background create(), which defers to the base's own create() (it once saved the
+    instance itself, with the model default 2000).
     """
     manager = DefaultYearQuerySet.as_manager()
     manager.model = Book
@@ -153,9 +154,9 @@ class EmptyAuditQuerySet(AsyncQuerySetMixin, EmptyAuditBase):
 
 
 def test_a_base_override_runs_once_even_when_django_answers_without_sql(books):
-    """bulk_create([]) sends no statement: the dry run (plain QuerySet) answers it.
+    """bulk_create([]) sends no statement, so the dry run's answer is the result.
 
-    Plain Django runs the base's override once; here it never runs.
+    Plain Django runs the base's override once, and so must the dry run.
     """
     manager = EmptyAuditQuerySet.as_manager()
     manager.model = Publisher
@@ -209,8 +210,8 @@ def test_a_count_taken_before_a_delete_is_the_count_before_the_delete(
 ):
     """``n = qs.count(); qs.delete()``: in plain Django n is 6, the rows then.
 
-    Here the delete is not ordered after the caller's earlier read: it runs on the
-    second worker while the read waits to start, and n is 0.
+    A caller's write waits for its earlier reads, so the delete cannot run on the
+    second worker while the read waits to start (n was 0 before that rule).
     """
     reached, release = slow_first_read
     qs = Book.objects.run_async()
@@ -240,9 +241,9 @@ def _restart_with_new_settings():
     ids=["shutdown", "override_settings"],
 )
 def test_shutdown_called_inside_a_background_job_does_not_raise(books, body):
-    """A job that shuts the pool down (directly, or via override_settings of
-    ASYNCHRORMOUS in code that runs in a job) fails with
-    ``RuntimeError: cannot join current thread``: shutdown() joins its own worker.
+    """A job may shut the pool down (directly, or via override_settings of
+    ASYNCHRORMOUS in code that runs in a job): shutdown() does not join its own
+    worker (that raised ``RuntimeError: cannot join current thread``).
     """
     job = submit(body, alias="default", writes=False, description="x")
     assert job.result(10) is None
@@ -255,10 +256,10 @@ def _wait_then_report(started, release):
 
 def test_shutdown_after_shutdown_wait_false_still_waits_for_the_workers(books):
     """``shutdown(wait=False)`` then ``shutdown()`` (or two threads, or the test
-    runner's destroy_test_db after someone's shutdown): the second call finds no pool
-    and returns at once, while a worker is still in its job holding its connection
-    (on PostgreSQL, DROP DATABASE then fails: "being accessed by other users").
-    ThreadPoolExecutor's second shutdown(wait=True) joins the workers.
+    runner's destroy_test_db after someone's shutdown): the second call waits for
+    the workers the first left running, as ThreadPoolExecutor's second
+    shutdown(wait=True) does (it once found no pool and returned while a worker held
+    its connection; on PostgreSQL, DROP DATABASE then fails).
     """
     started, release = threading.Event(), threading.Event()
     job = submit(
@@ -285,8 +286,8 @@ def test_shutdown_after_shutdown_wait_false_still_waits_for_the_workers(books):
 
 def test_create_with_a_generator_as_json_value_raises_typeerror_as_django_does(books):
     """Plain Django: ``create(data=<generator>)`` raises TypeError ("Object of type
-    generator is not JSON serializable") and stores nothing. frozen() turns the
-    generator into a list first, so the background create() stores ``[1, 2]``.
+    generator is not JSON serializable") and stores nothing; so does the
+    background create(), which leaves field values' iterators alone.
     """
     with pytest.raises(TypeError):
         Document.objects.create(data=(i for i in (1, 2)))
@@ -312,10 +313,10 @@ def test_a_background_write_call_does_not_block_on_the_callers_pending_writes(
 ):
     """A background terminal is submitted at once; the wait for the caller's earlier
     writes belongs in the job. On SQLite the dry run of these methods enters
-    Django's ``atomic()``, which sends ``BEGIN IMMEDIATE`` on the caller's connection:
-    that goes through the library's own write barrier, so the call itself blocks
-    until the caller's pending write is done (here: ResultTimeout at the call), and
-    takes SQLite's write lock on the caller's connection.
+    Django's ``atomic()``, which sends ``BEGIN IMMEDIATE`` on the caller's connection;
+    the dry run keeps it from the database. It once went through the library's own
+    write barrier, so the call itself blocked until the caller's pending write was
+    done (ResultTimeout at the call), and took SQLite's write lock.
     """
     settings.ASYNCHRORMOUS = {"WORKERS": 2, "TIMEOUT": 1.0}
     release = threading.Event()
@@ -340,8 +341,8 @@ def test_read_your_writes_holds_when_another_thread_shares_the_connection(books)
     """LiveServerTestCase shares the test thread's connection with the server thread.
 
     The caller's pending write installs a barrier on that connection; the other
-    thread's first query drains *its own* (no) pending writes and removes the
-    barrier. The caller's next plain read then does not wait for its own write.
+    thread's query waits for its own (no) pending jobs and leaves the barrier, which
+    belongs to the caller, in place: the caller's next plain read waits for its write.
     """
     from django.db import connections
 
@@ -378,9 +379,9 @@ def test_read_your_writes_holds_when_another_thread_shares_the_connection(books)
 async def test_shutdown_during_an_async_atomic_block_leaves_no_worker_running(books):
     """DESIGN: "shutdown() fails pending and pinned work with a clear error".
 
-    The block's pinned worker sits in its own queue, which shutdown() never tells:
-    shutdown() waits out its whole timeout, then leaves the worker (and its open
-    transaction and connection) running, and the block goes on on the old pool.
+    shutdown() closes the block's pin: its worker rolls back and stops, and the
+    block's later queries and its exit raise Cancelled (the worker was once left
+    running, and the block went on on the old pool).
     """
     import asyncio
 
