@@ -155,7 +155,8 @@ class Job:
             future.add_done_callback(_reporter(self.description))
 
 
-_handles_lock = threading.Lock()
+# Reentrant: a garbage collection while it is held may run another Job's __del__.
+_handles_lock = threading.RLock()
 
 
 def _reporter(description: str) -> Callable[[concurrent.futures.Future[Any]], None]:
