@@ -200,21 +200,18 @@ class _ConnectionKeeper:
 
     def close_all(self) -> None:
         for conn in connections.all(initialized_only=True):
-            try:
-                conn.close()
-            except Exception:
-                logger.warning(
-                    "could not close the worker's connection to %r",
-                    conn.alias,
-                    exc_info=True,
-                )
-                self._discard(conn)
+            self._discard(conn)
         self.known.clear()
 
     def _discard(self, conn: Any) -> None:
         try:
             conn.close()
         except Exception:
+            logger.warning(
+                "could not close the worker's connection to %r",
+                conn.alias,
+                exc_info=True,
+            )
             conn.connection = None  # unusable anyway: the next job opens a new one
         self.known.pop(conn.alias, None)
 

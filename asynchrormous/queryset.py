@@ -201,10 +201,10 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         self._prefetch_done = True
         self._forget_fetch(job)
 
-    def _forget_fetch(self, job: Job | None = None) -> None:
-        """Drop the pending fetch (``job``, if it is still this queryset's)."""
+    def _forget_fetch(self, job: Job) -> None:
+        """Drop the pending fetch ``job``, if it is still this queryset's."""
         with _fetch_lock:
-            if job is None or self._fetch_job is job:
+            if self._fetch_job is job:
                 self._fetch_job = None
 
     def _describe(self, method: str | None = None) -> str:
