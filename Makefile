@@ -11,12 +11,18 @@ TOX_PARALLEL ?= 2
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null)
 export PATH := $(PATH)$(foreach d,$(wildcard $(PYENV_ROOT)/versions/3.1[23].*/bin),:$(d))
 
-.PHONY: test lint sysdeps demo bench
+.PHONY: test lint sysdeps demo bench reliability
 
 # sysdeps first, so a missing system package stops make before it builds anything.
 test: sysdeps $(TOX)
 	$(TOX) run-parallel --parallel $(TOX_PARALLEL) --parallel-no-spinner
 	$(TOX) run -e django-suite-sqlite,django-suite-postgres
+
+# The reliability suite at full counts (tests/reliability, README "Reliability"):
+# several minutes per database; the figures go to test-output/reliability/.
+reliability: sysdeps $(TOX)
+	ASYNCHRORMOUS_RELIABILITY=full $(TOX) run -e reliability-postgres,reliability-mariadb,reliability-sqlite
+	$(TOOLS)/bin/python tests/reliability/report.py
 
 lint: sysdeps $(TOX)
 	$(TOX) run -e lint

@@ -1,4 +1,5 @@
 import datetime
+import os
 import threading
 
 import pytest
@@ -6,6 +7,10 @@ import pytest
 import asynchrormous
 from asynchrormous.signals import job_finished
 from tests.testapp.models import Author, Book, Publisher
+
+# The reliability suite runs on its own (make reliability, tox's reliability envs).
+if not os.environ.get("ASYNCHRORMOUS_RELIABILITY"):
+    collect_ignore = ["reliability"]
 
 
 @pytest.fixture(autouse=True)
