@@ -22,7 +22,7 @@ from django.db.models.query import RawQuerySet
 from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
-from . import aio
+from . import aio, prefetch
 from .calls import Compiled, Deferred, check_transaction, dry_run, encode, frozen
 from .exceptions import AsynchrormousError, ResultTimeout
 from .pool import read_with_reconnect
@@ -45,7 +45,8 @@ _fetch_lock = threading.Lock()
 
 
 def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
-    queryset._fetch_all()
+    with prefetch.fetching(queryset):  # its lookups run side by side
+        queryset._fetch_all()
     rows = queryset._result_cache
     assert rows is not None
     return rows
@@ -230,6 +231,17 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
             if job is not None:
                 self._collect_fetch(job)
         super()._fetch_all()
+
+    def _prefetch_related_objects(self) -> None:
+        if prefetch.in_background_fetch(self) and (
+            _after_mixin(type(self), "_prefetch_related_objects")
+            is QuerySet._prefetch_related_objects  # type: ignore[attr-defined]
+        ):
+            lookups = self._prefetch_related_lookups  # type: ignore[attr-defined]
+            prefetch.prefetch_related_objects(self._result_cache, *lookups)
+            self._prefetch_done = True
+        else:
+            super()._prefetch_related_objects()  # type: ignore[misc]
 
     def _clone(self) -> AsyncQuerySetMixin[_T]:
         clone = super()._clone()  # type: ignore[misc]

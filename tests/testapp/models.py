@@ -1,3 +1,5 @@
+from django.contrib.contenttypes.fields import GenericForeignKey, GenericRelation
+from django.contrib.contenttypes.models import ContentType
 from django.db import models
 
 from asynchrormous import AsyncManager, AsyncModelMixin
@@ -14,6 +16,7 @@ class Publisher(models.Model):
 
 class Author(models.Model):
     name = models.CharField(max_length=100)
+    notes = GenericRelation("Note")
 
     objects = AsyncManager()
 
@@ -33,6 +36,8 @@ class Book(AsyncModelMixin, models.Model):
         output_field=models.IntegerField(),
         db_persist=True,
     )
+
+    notes = GenericRelation("Note")
 
     objects = AsyncManager()
 
@@ -73,3 +78,17 @@ class Document(models.Model):
 
     def __str__(self) -> str:
         return f"Document {self.pk}"
+
+
+class Note(models.Model):
+    """A note on any object: prefetch through generic relations."""
+
+    content_type = models.ForeignKey(ContentType, models.CASCADE)
+    object_id = models.PositiveBigIntegerField()
+    content_object = GenericForeignKey("content_type", "object_id")
+    text = models.CharField(max_length=100)
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.text
