@@ -25,6 +25,7 @@ class AtBarrier(AsyncQuerySet):
     """A queryset whose evaluation waits until ``barrier`` lets it pass."""
 
     barrier = None
+    patience = 10.0
     error = None
     delay = 0.0
 
@@ -34,18 +35,19 @@ class AtBarrier(AsyncQuerySet):
             if self.error is not None:
                 raise self.error
             if self.barrier is not None:
-                self.barrier.wait(timeout=10)
+                self.barrier.wait(timeout=self.patience)
         super()._fetch_all()
 
     def _clone(self):
         clone = super()._clone()
-        clone.barrier, clone.error, clone.delay = self.barrier, self.error, self.delay
+        clone.barrier, clone.patience = self.barrier, self.patience
+        clone.error, clone.delay = self.error, self.delay
         return clone
 
 
-def at_barrier(model, barrier=None, error=None, delay=0.0):
+def at_barrier(model, barrier=None, error=None, delay=0.0, patience=10.0):
     qs = AtBarrier(model).annotate(session=backend_id_expr())
-    qs.barrier, qs.error, qs.delay = barrier, error, delay
+    qs.barrier, qs.patience, qs.error, qs.delay = barrier, patience, error, delay
     return qs
 
 
@@ -166,7 +168,8 @@ async def _awaited(qs):
     return await qs
 
 
-def test_lookups_run_side_by_side_on_their_own_sessions(library, jobs):
+@pytest.mark.parametrize("how", ["background", "await"])
+def test_lookups_run_side_by_side_on_their_own_sessions(library, jobs, how):
     # Each lookup's query waits until both are running: one after the other, as
     # Django runs them, the barrier would break.
     barrier = threading.Barrier(2)
@@ -174,7 +177,10 @@ def test_lookups_run_side_by_side_on_their_own_sessions(library, jobs):
         Prefetch("books", at_barrier(Book, barrier), to_attr="a"),
         Prefetch("books", at_barrier(Book, barrier), to_attr="b"),
     ).annotate(session=backend_id_expr())
-    authors = list(qs.run_async())
+    if how == "await":
+        authors = async_to_sync(_awaited)(qs)
+    else:
+        authors = list(qs.run_async())
     sessions = {
         (author.a[0].session, author.b[0].session, author.session) for author in authors
     }
@@ -186,12 +192,12 @@ def test_lookups_run_side_by_side_on_their_own_sessions(library, jobs):
 
 
 def test_plain_django_evaluation_stays_sequential(library):
+    # Without run_async(), Django's own loop: the first lookup waits alone.
     barrier = threading.Barrier(2)
     qs = Author.objects.prefetch_related(
-        Prefetch("books", at_barrier(Book, barrier), to_attr="a"),
-        Prefetch("books", at_barrier(Book, barrier), to_attr="b"),
+        Prefetch("books", at_barrier(Book, barrier, patience=0.5), to_attr="a"),
+        Prefetch("books", at_barrier(Book, barrier, patience=0.5), to_attr="b"),
     )
-    barrier.abort()  # sequential: the first wait would never be joined
     with pytest.raises(threading.BrokenBarrierError):
         list(qs)
 
@@ -208,6 +214,7 @@ def test_the_first_error_in_djangos_order_is_raised(library):
         list(qs)
     # Nothing of it is left running for ever: the pool stops in time.
     asynchrormous.shutdown(timeout=5)
+    assert not [t for t in threading.enumerate() if t.name.startswith("asynchron")]
 
 
 @pytest.mark.parametrize(
