@@ -25,6 +25,10 @@ W1_SLEEP = 0.020  # seconds of server time per W1 query
 W4_SLEEP = 0.005  # per W4 query: 16 callers x 8 queries would otherwise take long
 W4_CALLERS = 16
 W4_BATCHES = 8  # per caller, per sample
+W5_OWNERS = 50
+W5_KINDS = 4  # one prefetch lookup per kind
+W5_PARTS = 2  # per owner and kind
+W5_SLEEP = 0.020  # per W5 query: the main query and each lookup
 
 # (kind, filter kwargs, server-side sleep in seconds); kind is list, count or get.
 Op = tuple[str, dict[str, Any], float]
@@ -50,22 +54,23 @@ WORKLOADS: dict[str, list[Op]] = {
 }
 
 
-def build(manager: Any, op: Op) -> tuple[str, Any]:
-    """``(kind, queryset)`` for ``op`` on ``manager``; a fresh, unevaluated queryset."""
+def sleep_filter(sleep: float) -> Any:
+    """A filter that makes the server sleep ``sleep`` seconds, once per query."""
     from django.db.models import BooleanField
     from django.db.models.expressions import RawSQL
 
+    # An uncorrelated EXISTS is an InitPlan: the server sleeps once per query.
+    return RawSQL(
+        "EXISTS (SELECT 1 FROM pg_sleep(%s))", (sleep,), output_field=BooleanField()
+    )
+
+
+def build(manager: Any, op: Op) -> tuple[str, Any]:
+    """``(kind, queryset)`` for ``op`` on ``manager``; a fresh, unevaluated queryset."""
     kind, filters, sleep = op
     qs = manager.filter(**filters)
     if sleep:
-        # An uncorrelated EXISTS is an InitPlan: the server sleeps once per query.
-        qs = qs.filter(
-            RawSQL(
-                "EXISTS (SELECT 1 FROM pg_sleep(%s))",
-                (sleep,),
-                output_field=BooleanField(),
-            )
-        )
+        qs = qs.filter(sleep_filter(sleep))
     return kind, qs
 
 

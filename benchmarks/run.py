@@ -1,11 +1,12 @@
 """Benchmarks of asynchrormous against plain Django and the alternatives (issue #8).
 
-    python benchmarks/run.py [--rounds N] [--w4-rounds N] [--quick]
+    python benchmarks/run.py [--rounds N] [--w4-rounds N] [--quick] [--workloads W5]
 
 Creates and fills its own PostgreSQL database, starts contender D in its own
 virtualenv (Python 3.12+, Django 6.1, django-async-backend), runs every contender on
 every workload in random order per round, and writes benchmarks/RESULTS.md and
-benchmarks/results.png. Needs matplotlib in the running interpreter.
+benchmarks/results.png. Needs matplotlib in the running interpreter. With only some
+workloads (``--workloads W5``), it prints their tables and writes nothing.
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ from benchmarks.common import (  # noqa: E402
     W4_BATCHES,
     W4_CALLERS,
     W4_SLEEP,
+    W5_KINDS,
+    W5_OWNERS,
+    W5_PARTS,
+    W5_SLEEP,
     WORKERS,
     WORKLOADS,
     ConnectionSampler,
     build,
     connect,
     evaluate,
+    sleep_filter,
 )
 
 D_VENV = ROOT / ".venv-bench-d"
@@ -62,8 +68,13 @@ LABELS = {
     "async": "asynchrormous await + gather",
     "limit": "limit: slowest single query",
 }
+LIMIT_LABELS = {"W5": "limit: main query + slowest lookup"}
 CONTENDERS = ["A", "B", "C", "D", "sync", "async"]
 OURS = ["sync", "async"]
+# W5 is one queryset: nothing for a thread pool (C) to overlap, and D's
+# prefetch_related() runs its lookups one after another, as Django's does.
+W5_CONTENDERS = ["A", "B", "sync", "async"]
+FULL_REPORT = {"W1", "W2", "W3", "W4"}  # what RESULTS.md needs
 TITLES = {
     "W1": f"W1 overlap: 8 queries of {W1_SLEEP * 1000:.0f} ms server time",
     "W2": "W2 overhead: 8 primary-key lookups",
@@ -71,6 +82,8 @@ TITLES = {
     "W3": f"W3 fat rows: {BUCKETS} queries of {ROWS_PER_BUCKET:,} rows",
     "W4": f"W4 many callers: {W4_CALLERS} callers x {W4_BATCHES} batches of 8 "
     f"queries of {W4_SLEEP * 1000:.0f} ms",
+    "W5": f"W5 prefetch: {W5_OWNERS} rows and {W5_KINDS} prefetch lookups, every "
+    f"query {W5_SLEEP * 1000:.0f} ms",
 }
 
 
@@ -113,10 +126,24 @@ def create_database() -> None:
             )
             for i in range(BUCKETS * ROWS_PER_BUCKET)
         )
+    from benchmarks.benchapp.models import Owner, Part
+
+    if Part.plain.count() != W5_OWNERS * W5_KINDS * W5_PARTS:
+        Part.plain.all().delete()
+        Owner.plain.all().delete()
+        owners = Owner.plain.bulk_create(
+            Owner(pk=1 + i, name=f"owner {i:02d}") for i in range(W5_OWNERS)
+        )
+        Part.plain.bulk_create(
+            Part(owner=owner, kind=i % W5_KINDS, name=f"part {owner.pk}.{i}")
+            for owner in owners
+            for i in range(W5_KINDS * W5_PARTS)
+        )
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE benchapp_item")
+        for table in ("benchapp_item", "benchapp_owner", "benchapp_part"):
+            cursor.execute(f"VACUUM ANALYZE {table}")
 
 
 # -- In-process contenders: each runs one workload once and returns its seconds ------
@@ -129,6 +156,49 @@ def ops_for(workload: str, plain: bool) -> Ops:
 
     manager = Item.plain if plain else Item.objects
     return [build(manager, op) for op in WORKLOADS[workload]]
+
+
+def w5_queryset(plain: bool) -> Any:
+    """W5: a slow query of 50 rows with 4 independent, slow prefetch lookups."""
+    from django.db.models import Prefetch
+
+    from benchmarks.benchapp.models import Owner, Part
+
+    owners, parts = (
+        (Owner.plain, Part.plain) if plain else (Owner.objects, Part.objects)
+    )
+    return owners.filter(sleep_filter(W5_SLEEP)).prefetch_related(
+        *(
+            Prefetch(
+                "parts",
+                parts.filter(kind=kind).filter(sleep_filter(W5_SLEEP)),
+                to_attr=f"kind_{kind}",
+            )
+            for kind in range(W5_KINDS)
+        )
+    )
+
+
+def run_a_w5() -> tuple[float, float]:
+    """Plain Django's W5; the limit is its main query plus its slowest lookup."""
+    from django.db import connection
+
+    times: list[float] = []
+
+    def timed(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            times.append(time.perf_counter() - t)
+
+    qs = w5_queryset(plain=True)
+    started = time.perf_counter()
+    with connection.execute_wrapper(timed):
+        rows = list(qs)
+    elapsed = time.perf_counter() - started
+    assert len(rows) == W5_OWNERS and len(times) == 1 + W5_KINDS, len(times)
+    return elapsed, times[0] + max(times[1:])
 
 
 def run_a(ops: Ops) -> tuple[float, float]:
@@ -193,6 +263,8 @@ class InProcess:
         self.executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="C")
 
     def run(self, name: str, workload: str) -> dict[str, float]:
+        if workload == "W5":
+            return self.run_w5(name)
         ops = ops_for(workload, plain=name in ("A", "B", "C"))
         if name == "A":
             t, slowest = run_a(ops)
@@ -211,6 +283,26 @@ class InProcess:
         else:
             raise ValueError(name)
         return {"t": time.perf_counter() - started}
+
+    def run_w5(self, name: str) -> dict[str, float]:
+        if name == "A":
+            t, limit = run_a_w5()
+            return {"t": t, "limit": limit}
+        qs = w5_queryset(plain=name == "B")
+        started = time.perf_counter()
+        if name == "B":
+            rows = self.loop.run_until_complete(django_aeval("list", qs))
+        elif name == "sync":
+            from asynchrormous import resolve
+
+            rows = list(resolve(qs.start()))
+        elif name == "async":
+            rows = self.loop.run_until_complete(ours_aeval("list", qs))
+        else:
+            raise ValueError(name)
+        elapsed = time.perf_counter() - started
+        assert len(rows) == W5_OWNERS and len(rows[0].kind_0) == W5_PARTS
+        return {"t": elapsed}
 
 
 # -- Contender D: django-async-backend in its own process --------------------------
@@ -410,12 +502,19 @@ def measure(
 
     connection_created.connect(on_created, weak=False)
     # W2 is cheap and noisy: more samples of it in each round.
-    repeats = {"W1": 1, "W2": args.w2_repeats, "W2-1": args.w2_repeats, "W3": 1}
+    repeats = {
+        "W1": 1,
+        "W2": args.w2_repeats,
+        "W2-1": args.w2_repeats,
+        "W3": 1,
+        "W5": 1,
+    }
     tasks = [
         (w, c)
         for w, n in repeats.items()
         if w.partition("-")[0] in args.workloads
         for c in names
+        if w != "W5" or c in W5_CONTENDERS
         for _ in range(n)
     ]
     rng = random.Random(args.seed)
@@ -497,6 +596,7 @@ def targets(r: Results) -> list[Target]:
         )
         x, a = m("W3", c), m("W3", "A")
         out.append(Target("W3", c, "≤ 1.10x A", f"{x / a:.2f}x A", x <= 1.10 * a))
+        out.extend(w5_targets(r, c))
         runs = r.w4.get(c, [])
         conns = max((run["max_connections"] for run in runs), default=-1)
         out.append(
@@ -522,6 +622,21 @@ def targets(r: Results) -> list[Target]:
     return out
 
 
+def w5_targets(r: Results, c: str) -> list[Target]:
+    if ("W5", c) not in r.samples:
+        return []
+    x, lim = r.median("W5", c), r.median("W5", "limit")
+    return [
+        Target(
+            "W5",
+            c,
+            "≤ 1.2x (main query + slowest lookup)",
+            f"{x / lim:.2f}x",
+            x <= 1.2 * lim,
+        )
+    ]
+
+
 def fmt_ms(seconds: float) -> str:
     ms = seconds * 1000
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
@@ -540,8 +655,9 @@ def workload_table(r: Results, workload: str) -> list[str]:
             continue
         med = statistics.median(samples)
         vs_lim = f"{med / lim:.2f}" if lim else "-"
+        label = LIMIT_LABELS.get(workload, LABELS[name]) if name == "limit" else None
         rows.append(
-            f"| {LABELS[name]} | {fmt_ms(med)} | {fmt_ms(min(samples))} | "
+            f"| {label or LABELS[name]} | {fmt_ms(med)} | {fmt_ms(min(samples))} | "
             f"{med / a:.2f} | {vs_lim} | {len(samples)} |"
         )
     return rows
@@ -660,6 +776,7 @@ def write_report(
         f"{m('W2', 'async') / m('W2', 'A'):.2f}x A's time.",
         f"- W3: {m('W3', 'sync') / m('W3', 'A'):.2f}x and "
         f"{m('W3', 'async') / m('W3', 'A'):.2f}x A's time.",
+        *([w5_headline(r)] if ("W5", "A") in r.samples else []),
         "",
         "## Targets",
         "",
@@ -670,8 +787,9 @@ def write_report(
         side = "start() / lazy" if t.contender == "sync" else "await + gather"
         verdict = "PASS" if t.passed else "**FAIL**"
         lines.append(f"| {t.workload} | {side} | {t.text} | {t.value} | {verdict} |")
-    for workload in ("W1", "W2", "W2-1", "W3"):
-        lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
+    for workload in ("W1", "W2", "W2-1", "W3", "W5"):
+        if (workload, "A") in r.samples:
+            lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
     lines += [
         "",
         f"## {TITLES['W4']}",
@@ -692,7 +810,11 @@ def write_report(
         "  inside A's run of the same round.",
         f"- {W1_SLEEP * 1000:.0f} ms of server time is an uncorrelated "
         "`EXISTS (SELECT 1 FROM pg_sleep(...))` filter: once per query.",
-        "- W1 to W3: new connections after warm-up in the main process: "
+        "- W5's limit is plain Django's main query plus its slowest prefetch",
+        "  lookup, timed statement by statement inside A's run of the same round.",
+        "  C and D are not run: one queryset gives a thread pool nothing to overlap,",
+        "  and D's prefetch_related() runs its lookups one after another.",
+        "- W1 to W3 and W5: new connections after warm-up in the main process: "
         + (reconnected or "none")
         + ".",
         "- D opens each query with `async_new_connection()` (a pooled connection per "
@@ -715,6 +837,38 @@ def write_report(
     return text
 
 
+def w5_headline(r: Results) -> str:
+    m = r.median
+    sync, aio, lim = m("W5", "sync"), m("W5", "async"), m("W5", "limit")
+    return (
+        f"- W5: prefetch lookups side by side take {sync * 1000:.0f} ms "
+        f"(start()) and {aio * 1000:.0f} ms (await) against plain "
+        f"Django's {m('W5', 'A') * 1000:.0f} ms, at {sync / lim:.2f}x "
+        f"and {aio / lim:.2f}x the main query plus the slowest lookup."
+    )
+
+
+def partial_report(r: Results, args: argparse.Namespace) -> str:
+    """The tables and targets of the workloads run, for a partial run."""
+    lines = [
+        f"Workloads {', '.join(args.workloads)}: {args.rounds} rounds after "
+        f"{args.warmup} of warm-up, contenders in a new random order each round.",
+    ]
+    if ("W5", "A") in r.samples:
+        lines += ["", w5_headline(r)]
+        lines += ["", "| workload | asynchrormous | target | measured | |"]
+        lines += ["|---|---|---|---|---|"]
+        for c in OURS:
+            for t in w5_targets(r, c):
+                side = "start() / lazy" if c == "sync" else "await + gather"
+                verdict = "PASS" if t.passed else "**FAIL**"
+                lines.append(f"| W5 | {side} | {t.text} | {t.value} | {verdict} |")
+    for workload in ("W1", "W2", "W2-1", "W3", "W5"):
+        if (workload, "A") in r.samples:
+            lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
+    return "\n".join(lines) + "\n"
+
+
 def chart(r: Results, path: Path) -> None:
     import matplotlib
 
@@ -722,8 +876,9 @@ def chart(r: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    panels = ["W1", "W2", "W2-1", "W3"]
-    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
+    panels = ["W1", "W2", "W2-1", "W3", "W5"]
+    fig, axes = plt.subplots(4, 2, figsize=(12, 14.5))
+    axes[2, 1].set_axis_off()
     colours = {
         "A": "#999999",
         "B": "#bbbbbb",
@@ -733,6 +888,8 @@ def chart(r: Results, path: Path) -> None:
         "async": "#e0a95f",
     }
     for ax, workload in zip(axes.flat, panels, strict=False):
+        if (workload, "A") not in r.samples:
+            continue
         names = [c for c in CONTENDERS if (workload, c) in r.samples][::-1]
         meds = [r.median(workload, c) * 1000 for c in names]
         mins = [min(r.samples[workload, c]) * 1000 for c in names]
@@ -754,8 +911,8 @@ def chart(r: Results, path: Path) -> None:
     ]
     conns = [max(x["max_connections"] for x in r.w4[c]) for c in names]
     for ax, values, xlabel in (
-        (axes[2, 0], qps, "queries per second (median; higher is better)"),
-        (axes[2, 1], conns, "max server connections from the process"),
+        (axes[3, 0], qps, "queries per second (median; higher is better)"),
+        (axes[3, 1], conns, "max server connections from the process"),
     ):
         ax.barh([LABELS[c] for c in names], values, color=[colours[c] for c in names])
         for y, v in enumerate(values):
@@ -765,12 +922,12 @@ def chart(r: Results, path: Path) -> None:
         )
         ax.set_xlabel(xlabel)
         ax.set_xlim(0, max(values) * 1.18)
-    axes[2, 1].axvline(WORKERS, color="k", ls="--")
-    axes[2, 1].text(WORKERS, -0.9, " WORKERS", fontsize=8)
+    axes[3, 1].axvline(WORKERS, color="k", ls="--")
+    axes[3, 1].text(WORKERS, -0.9, " WORKERS", fontsize=8)
     fig.legend(
         handles=[
             Line2D([], [], color="k", marker="|", ls="", markersize=12, label="min"),
-            Line2D([], [], color="k", ls="--", label="limit (W1-W3), WORKERS (W4)"),
+            Line2D([], [], color="k", ls="--", label="limit (W1-W3, W5), WORKERS (W4)"),
         ],
         loc="upper center",
         ncol=2,
@@ -790,8 +947,8 @@ def main() -> None:
     parser.add_argument(
         "--workloads",
         type=lambda s: s.split(","),
-        default=["W1", "W2", "W3", "W4"],
-        help="comma-separated; the report needs all four",
+        default=["W1", "W2", "W3", "W4", "W5"],
+        help="comma-separated; RESULTS.md needs W1 to W4, others are printed",
     )
     parser.add_argument("--quick", action="store_true", help="a few rounds, to try")
     parser.add_argument("--d-python", help="the interpreter for D (default: a venv)")
@@ -811,8 +968,12 @@ def main() -> None:
     log("creating the database")
     django_setup()
     create_database()
-    log("starting D (django-async-backend)")
-    d = DProcess(args.d_python)
+    if {"W1", "W2", "W3", "W4"} & set(args.workloads):
+        log("starting D (django-async-backend)")
+        d = DProcess(args.d_python)
+    else:
+        d = DProcess.__new__(DProcess)
+        d.error, d.versions, d.proc = "not needed for these workloads", {}, None
     if d.error:
         log(f"D cannot run: {d.error}")
     info = machine()
@@ -820,6 +981,9 @@ def main() -> None:
         results = measure(args, d, log)
     finally:
         d.close()
+    if not FULL_REPORT <= set(args.workloads):
+        print(partial_report(results, args))
+        return
     load_after = load()
     log("W2 breakdown")
     breakdown = subprocess.run(
