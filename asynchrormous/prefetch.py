@@ -93,10 +93,14 @@ def prefetch_related_objects(model_instances: Any, *related_lookups: Any) -> Non
     on the pool as soon as its inputs are known (a nested lookup once its parent's
     rows are back).
     """
+    original = django_query.prefetch_related_objects
+    if "prefetch_one_level" not in original.__code__.co_names:
+        # Not Django's loop (something wrapped it): run it as it is.
+        original(model_instances, *related_lookups)
+        return
     if not model_instances:
         return
     run = _Run(model_instances)
-    original = django_query.prefetch_related_objects
     # Django's own loop, run with our prefetch_one_level in its namespace.
     namespace = dict(original.__globals__)
     namespace["prefetch_one_level"] = run.prefetch_one_level

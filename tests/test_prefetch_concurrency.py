@@ -16,7 +16,7 @@ import asynchrormous
 from asynchrormous import AsyncQuerySet, atomic, resolve
 from asynchrormous.results import submit
 from tests.helpers import backend_id_expr, caller_backend_id, occupy_a_worker
-from tests.testapp.models import Author, Book, Note, Publisher, Tag
+from tests.testapp.models import Author, Book, Note, Publisher, Tag, Topic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -68,7 +68,12 @@ def library(db):
             book.tags.set(tags[: b + 1])
             for n in range(b):
                 Note.objects.create(content_object=book, text=f"on {a}.{b} #{n}")
-    ContentType.objects.get_for_models(Author, Book)  # cached, as in a warm process
+    for t in range(3):
+        topic = Topic.objects.create(name=f"Topic {t}")
+        for n in range(t + 1):
+            Note.objects.create(content_object=topic, text=f"on topic {t} #{n}")
+    # Cached, as in a warm process.
+    ContentType.objects.get_for_models(Author, Book, Topic)
 
 
 def state(obj, to_attrs, depth=4):
@@ -108,10 +113,13 @@ def statements(jobs):
 
 CASES = {
     "independent": lambda: Book.objects.prefetch_related(
-        "author", "publisher", "tags", "notes"
+        "author",
+        "publisher",
+        "tags",
+        Prefetch("tags", Tag.objects.order_by("-name"), to_attr="tag_list"),
     ),
     "nested after parent": lambda: Author.objects.prefetch_related(
-        "books", "books__tags", "books__publisher", "notes"
+        "books", "books__tags", "books__publisher", "books__author"
     ),
     "to_attr twice": lambda: Author.objects.prefetch_related(
         Prefetch("books", Book.objects.filter(year__lt=1991), to_attr="old"),
@@ -120,19 +128,24 @@ CASES = {
     ),
     "through select_related": lambda: Book.objects.select_related(
         "author"
-    ).prefetch_related("author__books", "author__notes", "tags"),
+    ).prefetch_related("author__books", "publisher", "tags"),
     "generic foreign key": lambda: Note.objects.prefetch_related(
         "content_object", "content_type"
     ),
-    "lookups of the related queryset": lambda: Author.objects.prefetch_related(
-        Prefetch("books", Book.objects.prefetch_related("tags", "notes")),
-        "books__publisher",
+    "generic relation": lambda: Topic.objects.prefetch_related(
         "notes",
+        "notes__content_object",
+        Prefetch("notes", Note.objects.filter(text__endswith="#0"), to_attr="old"),
+    ),
+    "lookups of the related queryset": lambda: Author.objects.prefetch_related(
+        Prefetch("books", Book.objects.prefetch_related("tags", "publisher")),
+        "books__author",
+        Prefetch("books", to_attr="recent"),
     ),
     "nested Prefetch to_attr": lambda: Author.objects.prefetch_related(
         Prefetch("books", Book.objects.order_by("-year"), to_attr="recent"),
         Prefetch("recent__tags", Tag.objects.order_by("-name"), to_attr="tag_list"),
-        "books__notes",
+        "books__publisher",
     ),
 }
 TO_ATTRS = ("old", "new", "recent", "tag_list")
@@ -208,7 +221,7 @@ def test_the_first_error_in_djangos_order_is_raised(library):
         "books",
         Prefetch("books", at_barrier(Book, error=ValueError("second"), delay=0.3), "x"),
         Prefetch("books", at_barrier(Book, error=ValueError("third")), to_attr="y"),
-        Prefetch("notes", at_barrier(Note, delay=0.5), to_attr="z"),
+        Prefetch("books", at_barrier(Book, delay=0.5), to_attr="z"),
     ).run_async()
     with pytest.raises(ValueError, match="second"):
         list(qs)
