@@ -233,6 +233,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         super()._fetch_all()
 
     def _prefetch_related_objects(self) -> None:
+        """Django's step; a background fetch runs its lookups side by side."""
         if prefetch.in_background_fetch(self) and (
             _after_mixin(type(self), "_prefetch_related_objects")
             is QuerySet._prefetch_related_objects  # type: ignore[attr-defined]
