@@ -16,7 +16,7 @@ import asynchrormous
 from asynchrormous import AsyncQuerySet, atomic, resolve
 from asynchrormous.results import submit
 from tests.helpers import backend_id_expr, caller_backend_id, occupy_a_worker
-from tests.testapp.models import Author, Book, Note, Publisher, Tag, Topic
+from tests.testapp.models import Author, Book, Comment, Publisher, Tag, Topic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -57,7 +57,7 @@ def library(db):
     tags = [Tag.objects.create(name=f"tag {i}") for i in range(3)]
     for a in range(3):
         author = Author.objects.create(name=f"Author {a}")
-        Note.objects.create(content_object=author, text=f"on author {a}")
+        Comment.objects.create(content_object=author, text=f"on author {a}")
         for b in range(3):
             book = Book.objects.create(
                 title=f"Book {a}.{b}",
@@ -67,11 +67,11 @@ def library(db):
             )
             book.tags.set(tags[: b + 1])
             for n in range(b):
-                Note.objects.create(content_object=book, text=f"on {a}.{b} #{n}")
+                Comment.objects.create(content_object=book, text=f"on {a}.{b} #{n}")
     for t in range(3):
         topic = Topic.objects.create(name=f"Topic {t}")
         for n in range(t + 1):
-            Note.objects.create(content_object=topic, text=f"on topic {t} #{n}")
+            Comment.objects.create(content_object=topic, text=f"on topic {t} #{n}")
     # Cached, as in a warm process.
     ContentType.objects.get_for_models(Author, Book, Topic)
 
@@ -129,13 +129,15 @@ CASES = {
     "through select_related": lambda: Book.objects.select_related(
         "author"
     ).prefetch_related("author__books", "publisher", "tags"),
-    "generic foreign key": lambda: Note.objects.prefetch_related(
+    "generic foreign key": lambda: Comment.objects.prefetch_related(
         "content_object", "content_type"
     ),
     "generic relation": lambda: Topic.objects.prefetch_related(
-        "notes",
-        "notes__content_object",
-        Prefetch("notes", Note.objects.filter(text__endswith="#0"), to_attr="old"),
+        "comments",
+        "comments__content_object",
+        Prefetch(
+            "comments", Comment.objects.filter(text__endswith="#0"), to_attr="old"
+        ),
     ),
     "lookups of the related queryset": lambda: Author.objects.prefetch_related(
         Prefetch("books", Book.objects.prefetch_related("tags", "publisher")),

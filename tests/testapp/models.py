@@ -81,7 +81,7 @@ class Topic(models.Model):
     """Generic relations of their own, so that Author and Book keep theirs unchanged."""
 
     name = models.CharField(max_length=50)
-    notes = GenericRelation("Note")
+    comments = GenericRelation("Comment")
 
     objects = AsyncManager()
 
@@ -89,8 +89,8 @@ class Topic(models.Model):
         return self.name
 
 
-class Note(models.Model):
-    """A note on any object: prefetch through generic relations."""
+class Comment(models.Model):
+    """A comment on any object: prefetch through generic relations."""
 
     content_type = models.ForeignKey(ContentType, models.CASCADE)
     object_id = models.PositiveBigIntegerField()
