@@ -4,8 +4,8 @@ A background terminal runs Django's method on a worker. Before it is submitted, 
 caller runs the same method up to its first statement (the *dry run*), so Django's
 errors come at the call. Both runs see the arguments as they were at the call
 (``frozen``): each iterator is consumed once, as in a plain call, and a list the
-caller changes afterwards changes nothing. SQL is compiled once: a fetch's here
-(``Compiled``), a terminal's first statement by the dry run (``Recording``); the
+caller changes afterwards changes nothing. SQL is compiled once, here: a fetch's
+statement (``compile_fetch``), or a terminal's first statement in the dry run; the
 worker sends it as it is (``replaying``).
 """
 
@@ -26,10 +26,10 @@ from django.db.models.sql.compiler import SQLCompiler
 from django.utils.tree import Node
 
 __all__ = [
-    "Compiled",
     "Deferred",
     "Recording",
     "check_transaction",
+    "compile_fetch",
     "dry_run",
     "encode",
     "frozen",
@@ -96,34 +96,6 @@ class Deferred(BaseException):
     A BaseException so that Django's ``except Exception`` cleanup (such as
     ``mark_for_rollback_on_error``) does not take it for a database error.
     """
-
-
-class Compiled:
-    """A fetch's query compiled on the caller, for the worker to execute as it is.
-
-    The caller compiles anyway (a bad query must fail at the call); the worker
-    then sends that SQL instead of compiling it a second time.
-    """
-
-    def __init__(self, query: Query, using: str) -> None:
-        self.compiler = query.get_compiler(using=using)
-        self.empty = False
-        try:
-            self.sql = self.compiler.as_sql()
-        except EmptyResultSet:
-            self.empty = True  # Django then returns no rows, without a statement
-
-    def install(self, query: Query) -> None:
-        """Make ``query`` (the worker's private copy) execute this compilation."""
-        compiler = self.compiler
-        compiler.connection = connections[compiler.using]  # the worker's own
-        compiler.as_sql = self._as_sql
-        query.get_compiler = lambda *args, **kwargs: compiler  # type: ignore[method-assign]
-
-    def _as_sql(self, *args: Any, **kwargs: Any) -> Any:
-        if self.empty:
-            raise EmptyResultSet
-        return self.sql
 
 
 def encode(prepared: Any) -> None:
@@ -203,6 +175,28 @@ class Recording(_Numbering):
                     encode(param)
         self.number, self.compiler, self.outcome = number, compiler, outcome
         raise Deferred
+
+
+def compile_fetch(query: Query, alias: str) -> Recording:
+    """A fetch's statement, compiled now: the first one its evaluation sends.
+
+    The caller compiles anyway (a bad query must fail at the call); the worker
+    then sends that SQL instead of compiling it a second time.
+    """
+    recording = Recording(alias)
+    _numbering(alias)
+    outer = getattr(_active, "mode", None)
+    _active.mode = recording
+    try:
+        compiler = query.get_compiler(using=alias)  # one that replays can match
+    finally:
+        _active.mode = outer
+    recording.number, recording.compiler = 1, compiler
+    try:
+        recording.outcome = compiler.as_sql()
+    except EmptyResultSet:
+        recording.outcome = _EMPTY  # Django then returns no rows, without a statement
+    return recording
 
 
 class _Replay(_Numbering):

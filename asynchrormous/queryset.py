@@ -24,10 +24,10 @@ from django.db.models.sql.where import WhereNode
 
 from . import aio
 from .calls import (
-    Compiled,
     Deferred,
     Recording,
     check_transaction,
+    compile_fetch,
     dry_run,
     encode,
     frozen,
@@ -53,17 +53,16 @@ _INVALIDATING = frozenset({"update", "delete"})
 _fetch_lock = threading.Lock()
 
 
-def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
-    queryset._fetch_all()
+def _fetch_rows(queryset: QuerySet[Any], compiled: Recording | None) -> list[Any]:
+    with replaying(compiled):
+        queryset._fetch_all()
     rows = queryset._result_cache
     assert rows is not None
     return rows
 
 
-def _fetch(queryset: QuerySet[Any], compiled: Compiled | None = None) -> list[Any]:
-    if compiled is not None:
-        compiled.install(queryset.query)
-    return read_with_reconnect(queryset.db, _fetch_rows, queryset)
+def _fetch(queryset: QuerySet[Any], compiled: Recording | None = None) -> list[Any]:
+    return read_with_reconnect(queryset.db, _fetch_rows, queryset, compiled)
 
 
 def _expressions(node: Any) -> Iterator[Any]:
@@ -177,7 +176,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         # server's version is left to the worker.
         compiled = None
         with contextlib.suppress(SynchronousOnlyOperation):
-            compiled = Compiled(clone.query, db)
+            compiled = compile_fetch(clone.query, db)
         return submit(
             _fetch,
             clone,
