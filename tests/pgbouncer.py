@@ -77,7 +77,6 @@ class PgBouncer:
             "pool_mode": "transaction",
             "max_client_conn": 500,
             "default_pool_size": 20,
-            "ignore_startup_parameters": "extra_float_digits,options",
             **settings,
         }
         self.port = 0
@@ -90,10 +89,11 @@ class PgBouncer:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start(self, timeout: float = 20.0) -> PgBouncer:
+        """Start on a free port, or on the same port again after ``stop()``."""
         executable = binary()
         if executable is None:
             raise Unavailable(UNAVAILABLE)
-        self.port = free_port()
+        self.port = self.port or free_port()
         users = self.directory / "users.txt"
         users.write_text('"postgres" ""\n')
         ini = self.directory / "pgbouncer.ini"
@@ -112,12 +112,14 @@ class PgBouncer:
             self.directory.chmod(0o755)
             for f in (users, ini):
                 f.chmod(0o644)
-        with open(self.directory / "pgbouncer.log", "wb") as out:
+        ready = f"listening on 127.0.0.1:{self.port}"
+        listening = self.log.count(ready) + 1  # this process's line, not an earlier one
+        with open(self.directory / "pgbouncer.log", "ab") as out:
             self.process = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + timeout
-        while f"listening on 127.0.0.1:{self.port}" not in self.log:
+        while self.log.count(ready) < listening:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 log = self.log
                 self.stop()

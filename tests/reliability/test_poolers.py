@@ -285,3 +285,23 @@ def test_behind_pgbouncer_async_atomic_blocks_keep_their_transaction(
     assert sorted(
         Book.objects.filter(author=author).values_list("pages", flat=True)
     ) == list(range(0, blocks, 2))
+
+
+def test_behind_pgbouncer_a_restart_between_jobs_costs_no_write(
+    bouncer, settings, figures
+):
+    """A PgBouncer restart closes every client connection; the worker notices its
+    closed connection before its next job (no round trip), so a write lands."""
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": WAIT}
+    author = Author.objects.create(name="A")
+    restarts = scaled(5, 25)
+    with default_through(PORT=bouncer.port, DISABLE_SERVER_SIDE_CURSORS=True):
+        for i in range(restarts):
+            assert Book.objects.filter(author=author).run_async().count() == i
+            bouncer.stop()
+            bouncer.start()
+            connections["default"].close()  # the test's own, to the old process
+            created = Book.objects.run_async().create(title=f"T{i}", author=author)
+            assert resolve(created, timeout=WAIT).title == f"T{i}"
+    figures.update(restarts=restarts, writes_landed=restarts)
+    assert Book.objects.filter(author=author).count() == restarts
