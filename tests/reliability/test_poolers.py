@@ -184,34 +184,58 @@ def test_a_soak_behind_a_pooler_gives_every_answer_right(alias, settings, figure
 # -- What a PgBouncer user must set, each shown to be needed -----------------------
 
 
+@pytest.fixture(scope="module")
+def round_robin_bouncer() -> Iterator[PgBouncer]:
+    """A PgBouncer that lends the server session idle the longest, not the last."""
+    try:
+        with PgBouncer(server_round_robin=1) as running:
+            yield running
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+def two_idle_server_sessions() -> None:
+    """Two transactions at once make PgBouncer open two server sessions."""
+    two = [connections.create_connection("default") for _ in range(2)]
+    try:
+        for c in two:
+            c.set_autocommit(False)
+            with c.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        for c in two:
+            c.rollback()
+    finally:
+        for c in two:
+            c.close()
+
+
+@pytest.mark.parametrize("stream", ["iterator", "aiterator"])
 def test_behind_pgbouncer_a_server_side_cursor_fails_and_disabling_them_works(
-    bouncer, figures
+    round_robin_bouncer, settings, figures, stream
 ):
-    """PgBouncer lends each transaction any free server session; a cursor Django
-    declares WITH HOLD outside a transaction is on one of them. Another client's
-    open transaction takes that session (PgBouncer reuses the last one freed), so
-    the next FETCH goes to another session."""
+    """A cursor Django declares WITH HOLD outside a transaction is on one server
+    session; PgBouncer, lending the other idle session next, sends the FETCH there.
+    With DISABLE_SERVER_SIDE_CURSORS the rows come with the one statement."""
+    settings.ASYNCHRORMOUS = {"WORKERS": 2, "TIMEOUT": WAIT}
     author = Author.objects.create(name="A")
     Book.objects.bulk_create(Book(title=f"B{i}", author=author) for i in range(5))
+    qs = Book.objects.order_by("pk")
+
+    async def streamed() -> list[str]:
+        return [b.title async for b in qs.aiterator(chunk_size=2)]
+
     outcomes: dict[bool, Any] = {}
     for disabled in (False, True):
-        with default_through(PORT=bouncer.port, DISABLE_SERVER_SIDE_CURSORS=disabled):
-            other = connections.create_connection("default")
+        port = round_robin_bouncer.port
+        with default_through(PORT=port, DISABLE_SERVER_SIDE_CURSORS=disabled):
+            two_idle_server_sessions()
             try:
-                rows = Book.objects.order_by("pk").iterator(chunk_size=2)
-                titles = [next(rows).title, next(rows).title]  # the first chunk
-                other.set_autocommit(False)
-                with other.cursor() as cursor:  # takes the session of the cursor
-                    cursor.execute("SELECT 1")
-                try:
-                    titles += [b.title for b in rows]
-                    outcomes[disabled] = titles
-                except Exception as exc:  # psycopg's own, from the cursor's close
-                    outcomes[disabled] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                finally:
-                    other.rollback()
-            finally:
-                other.close()
+                if stream == "iterator":
+                    outcomes[disabled] = [b.title for b in qs.iterator(chunk_size=2)]
+                else:
+                    outcomes[disabled] = asyncio.run(streamed())
+            except Exception as exc:  # psycopg's own, from the cursor's close too
+                outcomes[disabled] = f"{type(exc).__name__}: {exc}".splitlines()[0]
     figures.update(server_side_cursor=outcomes[False])
     assert "does not exist" in str(outcomes[False]), outcomes[False]
     assert outcomes[True] == [f"B{i}" for i in range(5)]
