@@ -41,6 +41,8 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN_WORKERS = 2
+#: gunicorn_app.WARM_UP (importing the app would set Django up and run it here).
+WARM_UP = "gunicorn-master-warm-up"
 BOOKS = 60
 YEARS = range(1990, 2020)
 #: A line of gunicorn's log (or of the app's own warnings) that means trouble.
@@ -199,6 +201,8 @@ def test_gunicorn_preload_workers_serve_right_answers_and_leave_the_master_alone
     assert all(t.startswith("asynchrormous-") for _, t in before[master])
     master_state = alive(master_sessions)
     assert set(master_state) == set(master_sessions), "a master session is gone"
+    if connection.vendor == "postgresql":  # each one's last statement: the warm-up
+        assert all(WARM_UP in query for _, _, query in master_state.values())
 
     requests = scaled(100, 400)
     years = [YEARS[i % len(YEARS)] for i in range(requests)]
