@@ -8,7 +8,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('contenttypes', '0002_remove_content_type_name'),
-        ('testapp', '0002_auditentry_document'),
+        ('testapp', '0003_memo_note'),
     ]
 
     operations = [
