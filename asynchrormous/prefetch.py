@@ -171,7 +171,16 @@ class _Step:
         self.advanced = False
 
     def call(self) -> tuple[Any, ...]:
-        return _query(self.prefetcher, self.instances, self.querysets)
+        outcome = _query(self.prefetcher, self.instances, self.querysets)
+        # Django copies the lookups the rows brought (a copy of a Prefetch is a new
+        # queryset); make those copies now, so the steps started for them and
+        # Django's own have the very same querysets.
+        rows = outcome[0]
+        rows._prefetch_related_lookups = [
+            _Made(copy.copy(lookup)) if isinstance(lookup, Prefetch) else lookup
+            for lookup in rows._prefetch_related_lookups
+        ]
+        return outcome
 
     def matches(self, instances: list[Any], prefetcher: Any, querysets: Any) -> bool:
         """Whether Django's step has the very inputs this query ran with."""
@@ -413,9 +422,29 @@ def _merged(result: tuple[list[Any], list[Any]]) -> _Rows:
     return rows
 
 
+class _Made:
+    """A lookup the rows brought, with the copy Django's ``copy.copy()`` gets."""
+
+    def __init__(self, made: Prefetch) -> None:
+        self.made = made
+
+    def __copy__(self) -> Prefetch:
+        return self.made
+
+
 def _prefixed(lookup: Any, prefix: str) -> Prefetch:
-    """``lookup`` under ``prefix`` as Django will normalize it, on a copy."""
-    lookup = copy.copy(lookup) if isinstance(lookup, Prefetch) else Prefetch(lookup)
+    """``lookup`` under ``prefix``, as Django will normalize its copy of it.
+
+    A Prefetch is shared with that copy, queryset included, not copied again.
+    """
+    if isinstance(lookup, _Made):
+        lookup = lookup.made
+    if isinstance(lookup, Prefetch):
+        view = type(lookup).__new__(type(lookup))
+        view.__dict__.update(vars(lookup))
+        lookup = view
+    else:
+        lookup = Prefetch(lookup)
     lookup.add_prefix(prefix)
     return lookup
 

@@ -10,11 +10,12 @@ from asgiref.sync import async_to_sync
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection, transaction
 from django.db.models import Prefetch
+from django.db.models import prefetch_related_objects as django_prefetch
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 import asynchrormous
-from asynchrormous import AsyncQuerySet, atomic, resolve
+from asynchrormous import AsyncQuerySet, atomic, prefetch, resolve
 from asynchrormous.results import submit
 from tests.helpers import backend_id_expr, caller_backend_id, occupy_a_worker
 from tests.testapp.models import Author, Book, Comment, Publisher, Tag, Topic
@@ -145,13 +146,22 @@ CASES = {
         "books__author",
         Prefetch("books", to_attr="recent"),
     ),
+    "Prefetch querysets of the related queryset": lambda: Book.objects.prefetch_related(
+        Prefetch(
+            "tags",
+            Tag.objects.prefetch_related(
+                Prefetch("books", Book.objects.order_by("-year"), to_attr="tagged")
+            ),
+        ),
+        "author",
+    ),
     "nested Prefetch to_attr": lambda: Author.objects.prefetch_related(
         Prefetch("books", Book.objects.order_by("-year"), to_attr="recent"),
         Prefetch("recent__tags", Tag.objects.order_by("-name"), to_attr="tag_list"),
         "books__publisher",
     ),
 }
-TO_ATTRS = ("old", "new", "recent", "tag_list")
+TO_ATTRS = ("old", "new", "recent", "tag_list", "tagged")
 
 
 def plain(case):
@@ -182,6 +192,39 @@ def test_await_gives_djangos_caches_and_queries(library, jobs, case):
 
 async def _awaited(qs):
     return await qs
+
+
+def _started_at_once(self, step):
+    """A step's query run here and now, when predicted: before Django's earlier
+    steps assign, the earliest a worker could run it."""
+    self.steps[step.path] = step
+    try:
+        step.outcome = step.call()
+    except Exception as exc:
+        step.error = exc
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_query_started_ahead_is_the_one_django_asks_for(
+    library, case, monkeypatch
+):
+    # A query started for a step Django does not take would show as one more query.
+    qs = CASES[case]()
+    lookups = qs._prefetch_related_lookups
+    expected = list(qs.prefetch_related(None))
+    django_prefetch(expected, *lookups)  # warm
+    expected = list(qs.prefetch_related(None))
+    with CaptureQueriesContext(connection) as django_queries:
+        django_prefetch(expected, *lookups)
+    dropped = []
+    monkeypatch.setattr(prefetch._Run, "start", _started_at_once)
+    monkeypatch.setattr(prefetch._Run, "drop", lambda run, s: dropped.append(s.path))
+    rows = list(qs.prefetch_related(None))
+    with CaptureQueriesContext(connection) as queries:
+        prefetch.prefetch_related_objects(rows, *lookups)
+    assert [state(o, TO_ATTRS) for o in rows] == [state(o, TO_ATTRS) for o in expected]
+    assert len(queries) == len(django_queries)
+    assert dropped == []
 
 
 @pytest.mark.parametrize("how", ["background", "await"])
