@@ -26,6 +26,7 @@ from django.db import InterfaceError, OperationalError, connections
 from django.db.backends.base.creation import BaseDatabaseCreation
 from django.dispatch import receiver
 
+from . import outages
 from .conf import Settings, get_settings
 
 __all__ = [
@@ -61,16 +62,25 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
     only the next statement notices. Reads are safe to repeat, writes are not.
     """
     try:
-        return fn(*args)
+        result = fn(*args)
     except (OperationalError, InterfaceError):
         conn = connections[alias]
         if not in_worker() or conn.in_atomic_block:
             raise
         if conn.connection is not None and conn.is_usable():
             raise
-        logger.warning("replacing a lost connection to %r and retrying", alias)
+        # Not a warning: a replaced connection costs the caller nothing, and an
+        # outage is logged once by outages.failed() below.
+        logger.debug("replacing a lost connection to %r and retrying", alias)
         conn.close()
-        return fn(*args)
+        started = time.monotonic()
+        try:
+            result = fn(*args)
+        except (OperationalError, InterfaceError) as exc:
+            if conn.connection is None or not conn.is_usable():
+                outages.failed(alias, exc, started)
+            raise
+    return result
 
 
 try:  # asgiref >= 3.12 tags a Local's storage with the thread that owns it.

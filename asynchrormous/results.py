@@ -16,12 +16,14 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 from django.utils.functional import Promise, SimpleLazyObject, lazy
 
+from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import pinned
@@ -205,14 +207,22 @@ class Running:
             if wrapper.vendor == "mysql":
                 # mysqlclient refuses thread_id() while another thread uses the
                 # connection, so learn the session id before the statement starts.
-                wrapper.ensure_connection()
+                started = time.monotonic()
+                try:
+                    wrapper.ensure_connection()
+                except (OperationalError, InterfaceError) as exc:
+                    outages.failed(self.alias, exc, started)
+                    raise
                 self.mysql_thread_id = wrapper.connection.thread_id()
             self.connection = wrapper
             try:
-                return fn(*args)
+                result = fn(*args)
             finally:
                 with self.lock:
                     self.connection = None
+            if outages.down:  # a plain check: nothing more while no alias is down
+                outages.succeeded(self.alias)
+            return result
 
         return run
 
