@@ -29,9 +29,9 @@ from django.db.models.expressions import RawSQL
 
 from asynchrormous import resolve
 from asynchrormous.pool import _ended_by_server
-from asynchrormous.results import submit
+from asynchrormous.results import job_of, submit
 from tests.reliability.conftest import scaled
-from tests.testapp.apps import BACKEND_ID_SQL
+from tests.testapp.apps import BACKEND_ID_SQL, BACKEND_THREADS
 from tests.testapp.models import Author, Book
 
 pytestmark = [
@@ -66,7 +66,7 @@ OPEN_GATE_SQL = {
     "mysql": "SELECT RELEASE_LOCK(%s)",
 }
 PASS_GATE_SQL = {  # 1 once the gate is open
-    "postgresql": "(pg_advisory_xact_lock_shared(%s) IS NULL)::int",
+    "postgresql": "(pg_advisory_xact_lock_shared(%s) IS NOT NULL)::int",
     "mysql": "(GET_LOCK(%s, 30) + RELEASE_LOCK(%s) - 1)",
 }
 
@@ -297,6 +297,7 @@ def test_kills_inside_statements_fail_only_those_statements(pool, figures, caplo
         for result in reads + more_reads:
             value = outcome(result)
             seen["reads_ok" if isinstance(value, int) else "reads_failed"] += 1
+            assert isinstance(value, Exception) or value >= len(counters)
         for counter, result in zip(counters, writes, strict=True):
             value = outcome(result)
             if isinstance(value, int):
@@ -336,3 +337,117 @@ def test_kills_inside_statements_fail_only_those_statements(pool, figures, caplo
     assert seen["reads_failed"] == 0
     assert seen["creates_failed"] == 0
     assert seen["writes_failed"] == 2 * rounds  # the killed ones, reported
+
+
+SLOW_SQL = {"postgresql": "pg_sleep(%s) IS NOT NULL", "mysql": "SLEEP(%s) = 0"}
+
+
+def test_kills_at_any_moment_under_load(pool, figures, caplog):
+    """A stream of reads and writes while every worker's session is killed, again
+    and again, wherever each worker is: in a statement, between jobs, connecting.
+
+    A write killed after its commit but before its answer is reported failed yet
+    landed: so a failed write may have landed, a successful one has, none twice.
+    """
+    caplog.set_level(logging.DEBUG, logger="asynchrormous")
+    author = Author.objects.create(name="storm")
+    counters = [
+        Book.objects.create(title=f"tally {i}", author=author) for i in range(4)
+    ]
+    jobs = scaled(600, 6000)
+    kills = scaled(10, 100)
+    finished = threading.Semaphore(0)  # one release per job done
+    slow = RawSQL(SLOW_SQL[connection.vendor], [0.002], BooleanField())
+
+    def stream(counter: Book) -> list[tuple[str, Any, Any]]:
+        """One caller's jobs: reads, creates and increments, in turn."""
+        made = []
+        for i in range(jobs // len(counters)):
+            qs = Book.objects.run_async()
+            kind = ("read", "create", "increment")[i % 3]
+            if kind == "read":
+                key: Any = counter.pk
+                result = qs.filter(slow, pk=counter.pk).count()
+            elif kind == "create":
+                key = f"storm {counter.pk} {i}"
+                result = qs.create(title=key, author=author)
+            else:
+                key = counter.pk
+                result = qs.filter(pk=counter.pk).update(pages=F("pages") + 1)
+            job = job_of(result)
+            assert job is not None
+            job.future.add_done_callback(lambda _: finished.release())
+            made.append((kind, key, result))
+        return made
+
+    callers: list[list[tuple[str, Any, Any]]] = []
+    threads = [
+        threading.Thread(target=lambda c=c: callers.append(stream(c))) for c in counters
+    ]
+    for thread in threads:
+        thread.start()
+    killed = 0
+    # Each kill after the next share of the jobs is done: amid the stream.
+    for _ in range(kills):
+        for _ in range(jobs // kills // 2):
+            assert finished.acquire(timeout=TIMEOUT), "the jobs stopped"
+        workers = {s for s, t in BACKEND_THREADS.items() if t.startswith("asynchr")}
+        sessions = workers & _sessions(SESSIONS_SQL[connection.vendor])
+        kill(sessions)
+        killed += len(sessions)
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert len(callers) == len(counters), "a caller failed to submit"
+
+    ok = dict.fromkeys(("read", "create", "increment"), 0)
+    failed = dict.fromkeys(("read", "create", "increment"), 0)
+    increments = {c.pk: [0, 0] for c in counters}  # ok, failed
+    created: dict[str, bool] = {}
+    started = time.monotonic()
+    for made in callers:
+        for kind, key, result in made:
+            value = outcome(result)  # a value or a clear error, within TIMEOUT
+            failure = isinstance(value, Exception)
+            (failed if failure else ok)[kind] += 1
+            if kind == "read" and not failure:
+                assert value == 1
+            elif kind == "create":
+                created[key] = not failure
+            elif kind == "increment":
+                increments[key][failure] += 1
+    drain = time.monotonic() - started
+
+    # No write lost (each success landed) or doubled (none landed twice).
+    rows: dict[str, int] = {}
+    for title in Book.objects.filter(title__startswith="storm ").values_list(
+        "title", flat=True
+    ):
+        rows[title] = rows.get(title, 0) + 1
+    assert max(rows.values()) == 1
+    assert all(rows.get(title) == 1 for title, landed in created.items() if landed)
+    for counter in counters:
+        pages = Book.objects.get(pk=counter.pk).pages - counter.pages
+        done, unknown = increments[counter.pk]
+        assert done <= pages <= done + unknown
+    # The pool answers afterwards.
+    assert resolve(Book.objects.run_async().count(), timeout=TIMEOUT) >= len(rows)
+    figures.update(
+        jobs=jobs,
+        kill_rounds=kills,
+        sessions_killed=killed,
+        reads_ok=ok["read"],
+        reads_failed=failed["read"],
+        reads_retried=sum(
+            "replacing a lost connection" in r.getMessage() for r in caplog.records
+        ),
+        writes_ok=ok["create"] + ok["increment"],
+        writes_failed=failed["create"] + failed["increment"],
+        failed_writes_that_landed=sum(
+            1 for title, landed in created.items() if not landed and title in rows
+        )
+        + sum(
+            Book.objects.get(pk=c.pk).pages - c.pages - increments[c.pk][0]
+            for c in counters
+        ),
+        drain_s=round(drain, 2),
+    )
