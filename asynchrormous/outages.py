@@ -17,35 +17,40 @@ logger = logging.getLogger("asynchrormous")
 
 
 class _Outage:
-    __slots__ = ("failures", "since")
+    __slots__ = ("began", "failures", "since")
 
-    def __init__(self, since: float) -> None:
-        self.since = since
+    def __init__(self, began: int) -> None:
+        self.began = began  # the epoch it began in
+        self.since = time.monotonic()
         self.failures = 1
 
 
-#: Aliases that are down, and since when: read without the lock on the hot path.
+#: Aliases that are down: read without the lock on the hot path.
 down: dict[str, _Outage] = {}
-# When each alias's last outage ended: a failure of an attempt that started
-# before then belongs to that outage, not to a new one.
-_restored_at: dict[str, float] = {}
+#: Bumped when an outage begins or ends. A job reads it when it starts, so an
+#: answer that comes late (a success from before the outage, a failure from
+#: before the recovery) cannot end an outage or begin a new one.
+epoch = 0
+_restored_in: dict[str, int] = {}
 _lock = threading.Lock()
 
 
-def failed(alias: str, exc: BaseException, started: float) -> None:
+def failed(alias: str, exc: BaseException, since: int) -> None:
     """Note a query on ``alias`` that could not reach the server.
 
-    ``started`` is when the failed attempt began (``time.monotonic()``).
+    ``since`` is ``epoch`` when the failed attempt began.
     """
+    global epoch
     with _lock:
         outage = down.get(alias)
         if outage is not None:
             outage.failures += 1
             first = False
-        elif started < _restored_at.get(alias, float("-inf")):
-            first = False  # reported late, by an attempt made before the recovery
+        elif since < _restored_in.get(alias, 0):
+            first = False  # began before the recovery: part of the outage it ended
         else:
-            down[alias] = _Outage(time.monotonic())
+            epoch += 1
+            down[alias] = _Outage(epoch)
             first = True
     if first:
         logger.warning(
@@ -59,19 +64,22 @@ def failed(alias: str, exc: BaseException, started: float) -> None:
         logger.debug("a query on %r failed: %s", alias, exc)
 
 
-def succeeded(alias: str) -> None:
-    """Note a query on ``alias`` that reached the server; ends its outage if any."""
+def succeeded(alias: str, since: int) -> None:
+    """Note a job on ``alias`` that succeeded; it ends the alias's outage if it
+    began after the outage did (``since`` is ``epoch`` when it began)."""
+    global epoch
     if alias not in down:  # no lock unless the alias is down
         return
     with _lock:
-        outage = down.pop(alias, None)
-        now = time.monotonic()
-        if outage is not None:
-            _restored_at[alias] = now
-    if outage is not None:
-        logger.info(
-            "connection to %r restored after %.1f s, %d failures",
-            alias,
-            now - outage.since,
-            outage.failures,
-        )
+        outage = down.get(alias)
+        if outage is None or since < outage.began:
+            return
+        del down[alias]
+        epoch += 1
+        _restored_in[alias] = epoch
+    logger.info(
+        "connection to %r restored after %.1f s, %d failures",
+        alias,
+        time.monotonic() - outage.since,
+        outage.failures,
+    )

@@ -73,12 +73,12 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
         # outage is logged once by outages.failed() below.
         logger.debug("replacing a lost connection to %r and retrying", alias)
         conn.close()
-        started = time.monotonic()
+        since = outages.epoch
         try:
             result = fn(*args)
         except (OperationalError, InterfaceError) as exc:
             if conn.connection is None or not conn.is_usable():
-                outages.failed(alias, exc, started)
+                outages.failed(alias, exc, since)
             raise
     return result
 

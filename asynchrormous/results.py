@@ -16,7 +16,6 @@ import copy
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -203,15 +202,15 @@ class Running:
 
     def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
+            since = outages.epoch
             wrapper = connections[self.alias]
             if wrapper.vendor == "mysql":
                 # mysqlclient refuses thread_id() while another thread uses the
                 # connection, so learn the session id before the statement starts.
-                started = time.monotonic()
                 try:
                     wrapper.ensure_connection()
                 except (OperationalError, InterfaceError) as exc:
-                    outages.failed(self.alias, exc, started)
+                    outages.failed(self.alias, exc, since)
                     raise
                 self.mysql_thread_id = wrapper.connection.thread_id()
             self.connection = wrapper
@@ -221,7 +220,7 @@ class Running:
                 with self.lock:
                     self.connection = None
             if outages.down:  # a plain check: nothing more while no alias is down
-                outages.succeeded(self.alias)
+                outages.succeeded(self.alias, since)
             return result
 
         return run

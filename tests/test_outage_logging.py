@@ -14,10 +14,7 @@ import asynchrormous
 from asynchrormous import outages, resolve
 from tests.testapp.models import Book
 
-pytestmark = [
-    pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(connection.vendor == "sqlite", reason="needs a server"),
-]
+needs_a_server = pytest.mark.skipif(connection.vendor == "sqlite", reason="no server")
 
 
 @pytest.fixture
@@ -55,6 +52,8 @@ def records(caplog, level):
     ]
 
 
+@needs_a_server
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("outage_count", [2])
 def test_an_outage_logs_one_warning_then_one_info_when_a_query_succeeds(
     outage, settings, caplog, outage_count
@@ -86,6 +85,8 @@ def test_an_outage_logs_one_warning_then_one_info_when_a_query_succeeds(
         assert len(records(caplog, logging.INFO)) == 1
 
 
+@needs_a_server
+@pytest.mark.django_db(transaction=True)
 def test_a_write_on_a_new_connection_ends_the_outage(outage, settings, caplog):
     """The outage ends at the first success of any job, not only of a read."""
     settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 10.0}
@@ -97,3 +98,27 @@ def test_a_write_on_a_new_connection_ends_the_outage(outage, settings, caplog):
     assert resolve(Book.objects.run_async().update(pages=1)) == 0
     (info,) = records(caplog, logging.INFO)
     assert info.getMessage().endswith(" s, 1 failures"), info.getMessage()
+
+
+def test_late_answers_neither_end_an_outage_nor_begin_one(caplog):
+    """Workers report in any order: a success of a job that began before the
+    outage, or a failure of one that began before the recovery, changes nothing."""
+    caplog.set_level(logging.DEBUG, logger="asynchrormous")
+    error = OperationalError("connection refused")
+    try:
+        before_outage = outages.epoch
+        outages.failed("late", error, outages.epoch)
+        outages.succeeded("late", before_outage)  # answered late: still down
+        assert "late" in outages.down
+        before_recovery = outages.epoch
+        outages.failed("late", error, before_recovery)
+        outages.succeeded("late", outages.epoch)
+        assert "late" not in outages.down
+        outages.failed("late", error, before_recovery)  # answered late: still up
+        assert "late" not in outages.down
+        levels = [r.levelno for r in caplog.records if r.name == "asynchrormous"]
+        assert levels.count(logging.WARNING) == 1
+        (info,) = [r for r in caplog.records if r.levelno == logging.INFO]
+        assert info.getMessage().endswith(" s, 2 failures")
+    finally:
+        outages.down.pop("late", None)
