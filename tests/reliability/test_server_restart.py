@@ -10,7 +10,9 @@ logs one warning for the alias.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import logging
 import os
 import shutil
@@ -31,9 +33,13 @@ from asynchrormous import outages, resolve
 from tests.reliability.conftest import scaled
 from tests.testapp.models import Author, Book, Publisher
 
-pytestmark = pytest.mark.skipif(
-    connection.vendor != "postgresql", reason="restarts a PostgreSQL cluster"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        connection.vendor != "postgresql", reason="restarts a PostgreSQL cluster"
+    ),
+    # Full counts: ten restarts and ten stop/starts, and maybe the cluster's creation.
+    pytest.mark.timeout(600),
+]
 
 CLUSTER = "reliability"
 PORT = 5439
@@ -100,12 +106,35 @@ def _missing() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _cluster_lock() -> Iterator[None]:
+    """One run at a time restarts the cluster (two checkouts on one machine)."""
+    with open(f"/tmp/asynchrormous-{CLUSTER}-cluster.lock", "w") as lock:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "another run holds the cluster"
+                time.sleep(0.5)  # another process's run: nothing to wait on but it
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """The suite's own cluster, created when missing, running until the module ends."""
     reason = _missing()
     if reason:
         pytest.skip(reason)
+    with _cluster_lock():
+        yield from _running_cluster()
+
+
+def _running_cluster() -> Iterator[None]:
     if not Path(f"/etc/postgresql/{VERSION}/{CLUSTER}").exists():
         _create()
     try:
