@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
-__all__ = ["down", "failed", "succeeded"]
+__all__ = ["down", "epoch", "failed", "lost", "succeeded"]
 
 logger = logging.getLogger("asynchrormous")
 
@@ -33,6 +34,19 @@ down: dict[str, _Outage] = {}
 epoch = 0
 _restored_in: dict[str, int] = {}
 _lock = threading.Lock()
+
+
+def lost(wrapper: Any) -> bool:
+    """Whether a job failed because its connection to the server is gone.
+
+    Not a query error (a cancel, a deadlock): the connection still answers. In a
+    transaction it cannot answer anyway, so only a closed connection counts there.
+    """
+    if wrapper.connection is None:
+        return True
+    if wrapper.in_atomic_block:
+        return False
+    return not wrapper.is_usable()
 
 
 def failed(alias: str, exc: BaseException, since: int) -> None:

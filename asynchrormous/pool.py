@@ -26,7 +26,6 @@ from django.db import InterfaceError, OperationalError, connections
 from django.db.backends.base.creation import BaseDatabaseCreation
 from django.dispatch import receiver
 
-from . import outages
 from .conf import Settings, get_settings
 
 __all__ = [
@@ -62,7 +61,7 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
     only the next statement notices. Reads are safe to repeat, writes are not.
     """
     try:
-        result = fn(*args)
+        return fn(*args)
     except (OperationalError, InterfaceError):
         conn = connections[alias]
         if not in_worker() or conn.in_atomic_block:
@@ -70,17 +69,10 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
         if conn.connection is not None and conn.is_usable():
             raise
         # Not a warning: a replaced connection costs the caller nothing, and an
-        # outage is logged once by outages.failed() below.
+        # outage is logged once, by the job (results.Running.track).
         logger.debug("replacing a lost connection to %r and retrying", alias)
         conn.close()
-        since = outages.epoch
-        try:
-            result = fn(*args)
-        except (OperationalError, InterfaceError) as exc:
-            if conn.connection is None or not conn.is_usable():
-                outages.failed(alias, exc, since)
-            raise
-    return result
+        return fn(*args)
 
 
 try:  # asgiref >= 3.12 tags a Local's storage with the thread that owns it.

@@ -204,21 +204,22 @@ class Running:
         def run(*args: Any) -> Any:
             since = outages.epoch
             wrapper = connections[self.alias]
-            if wrapper.vendor == "mysql":
-                # mysqlclient refuses thread_id() while another thread uses the
-                # connection, so learn the session id before the statement starts.
-                try:
-                    wrapper.ensure_connection()
-                except (OperationalError, InterfaceError) as exc:
-                    outages.failed(self.alias, exc, since)
-                    raise
-                self.mysql_thread_id = wrapper.connection.thread_id()
-            self.connection = wrapper
             try:
-                result = fn(*args)
-            finally:
-                with self.lock:
-                    self.connection = None
+                if wrapper.vendor == "mysql":
+                    # mysqlclient refuses thread_id() while another thread uses the
+                    # connection, so learn the session id before the statement starts.
+                    wrapper.ensure_connection()
+                    self.mysql_thread_id = wrapper.connection.thread_id()
+                self.connection = wrapper
+                try:
+                    result = fn(*args)
+                finally:
+                    with self.lock:
+                        self.connection = None
+            except (OperationalError, InterfaceError) as exc:
+                if outages.lost(wrapper):
+                    outages.failed(self.alias, exc, since)
+                raise
             if outages.down:  # a plain check: nothing more while no alias is down
                 outages.succeeded(self.alias, since)
             return result

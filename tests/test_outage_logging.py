@@ -12,6 +12,7 @@ from django.db import OperationalError, connection, connections
 
 import asynchrormous
 from asynchrormous import outages, resolve
+from asynchrormous.results import submit
 from tests.testapp.models import Book
 
 needs_a_server = pytest.mark.skipif(connection.vendor == "sqlite", reason="no server")
@@ -122,3 +123,39 @@ def test_late_answers_neither_end_an_outage_nor_begin_one(caplog):
         assert info.getMessage().endswith(" s, 2 failures")
     finally:
         outages.down.pop("late", None)
+
+
+@needs_a_server
+@pytest.mark.django_db(transaction=True)
+def test_failed_writes_are_failures_of_the_outage_too(outage, settings, caplog):
+    settings.ASYNCHRORMOUS = {"WORKERS": 2, "TIMEOUT": 10.0}
+    caplog.set_level(logging.INFO, logger="asynchrormous")
+    outage.down()
+    writes = [Book.objects.run_async().update(pages=i) for i in range(10)]
+    for result in writes:
+        with pytest.raises(OperationalError):
+            resolve(result)
+    (warning,) = records(caplog, logging.WARNING)
+    assert warning.args[0] == "default"
+    outage.up()
+    resolve(Book.objects.run_async().count())
+    (info,) = records(caplog, logging.INFO)
+    assert info.getMessage().endswith(" s, 10 failures"), info.getMessage()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="cancels itself")
+@pytest.mark.django_db(transaction=True)
+def test_a_query_error_on_a_live_connection_is_no_outage(settings, caplog):
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 10.0}
+    caplog.set_level(logging.INFO, logger="asynchrormous")
+
+    def cancelled():
+        with connections["default"].cursor() as cursor:
+            # Cancels its own statement: OperationalError, the session lives on.
+            cursor.execute("SELECT pg_cancel_backend(pg_backend_pid()), pg_sleep(5)")
+
+    job = submit(cancelled, alias="default", writes=False, description="cancelled")
+    with pytest.raises(OperationalError, match="canceling statement"):
+        job.result(10)
+    assert resolve(Book.objects.run_async().count()) == 0
+    assert not records(caplog, logging.WARNING) and not outages.down

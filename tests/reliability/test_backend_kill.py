@@ -332,6 +332,7 @@ def test_kills_inside_statements_fail_only_those_statements(pool, figures, caplo
         rounds=rounds,
         sessions_killed_in_statements=killed,
         reads_retried=retried,
+        warnings_logged=sum(r.levelno == logging.WARNING for r in caplog.records),
         slowest_drain_s=round(slowest, 2),
         **seen,
     )
@@ -441,6 +442,7 @@ def test_kills_at_any_moment_under_load(pool, figures, caplog):
         reads_retried=sum(
             "replacing a lost connection" in r.getMessage() for r in caplog.records
         ),
+        warnings_logged=sum(r.levelno == logging.WARNING for r in caplog.records),
         writes_ok=ok["create"] + ok["increment"],
         writes_failed=failed["create"] + failed["increment"],
         failed_writes_that_landed=sum(
