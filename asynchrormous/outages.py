@@ -1,6 +1,6 @@
 """Database outages: one warning per alias and outage, one info when it is over.
 
-While a server is down every background read fails; logging each would bury the
+While a server is down every background query fails; logging each would bury the
 one line that matters. The first failure of an alias logs a warning, the rest go to
 DEBUG, and the next success logs how long it lasted and how many failures it cost.
 """
@@ -18,11 +18,11 @@ logger = logging.getLogger("asynchrormous")
 
 
 class _Outage:
-    __slots__ = ("began", "failures", "since")
+    __slots__ = ("began", "failures", "started")
 
     def __init__(self, began: int) -> None:
         self.began = began  # the epoch it began in
-        self.since = time.monotonic()
+        self.started = time.monotonic()
         self.failures = 1
 
 
@@ -46,7 +46,10 @@ def lost(wrapper: Any) -> bool:
         return True
     if wrapper.in_atomic_block:
         return False
-    return not wrapper.is_usable()
+    try:
+        return not wrapper.is_usable()
+    except Exception:  # the job's own error is the one to raise
+        return True
 
 
 def failed(alias: str, exc: BaseException, since: int) -> None:
@@ -94,6 +97,6 @@ def succeeded(alias: str, since: int) -> None:
     logger.info(
         "connection to %r restored after %.1f s, %d failures",
         alias,
-        time.monotonic() - outage.since,
+        time.monotonic() - outage.started,
         outage.failures,
     )
