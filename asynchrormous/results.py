@@ -19,9 +19,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 from django.utils.functional import Promise, SimpleLazyObject, lazy
 
+from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
@@ -201,18 +202,27 @@ class Running:
 
     def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
+            since = outages.epoch
             wrapper = connections[self.alias]
-            if wrapper.vendor == "mysql":
-                # mysqlclient refuses thread_id() while another thread uses the
-                # connection, so learn the session id before the statement starts.
-                wrapper.ensure_connection()
-                self.mysql_thread_id = wrapper.connection.thread_id()
-            self.connection = wrapper
             try:
-                return fn(*args)
-            finally:
-                with self.lock:
-                    self.connection = None
+                if wrapper.vendor == "mysql":
+                    # mysqlclient refuses thread_id() while another thread uses the
+                    # connection, so learn the session id before the statement starts.
+                    wrapper.ensure_connection()
+                    self.mysql_thread_id = wrapper.connection.thread_id()
+                self.connection = wrapper
+                try:
+                    result = fn(*args)
+                finally:
+                    with self.lock:
+                        self.connection = None
+            except (OperationalError, InterfaceError) as exc:
+                if outages.lost(wrapper):
+                    outages.failed(self.alias, exc, since)
+                raise
+            if outages.down:  # a plain check: nothing more while no alias is down
+                outages.succeeded(self.alias, since)
+            return result
 
         return run
 
