@@ -473,3 +473,46 @@ def test_a_read_retried_on_a_replaced_connection_replays_the_same_statement(
     assert "replacing a lost connection" in caplog.text
     assert len(replayed) == 2
     assert (counted, resolve(qs.run_async().first()).title) == plain
+
+
+async def test_a_terminal_called_from_async_code_compiles_once(books):
+    """From an event loop the dry run may not reach the server: it compiles (and
+    records) what it can there, and the worker does the rest."""
+    import asyncio
+
+    def call(qs):
+        return qs.filter(
+            pages__gte=Counted(F("year"), output_field=models.IntegerField())
+        ).count()
+
+    Counted.runs = 0
+
+    def plain_call():
+        try:
+            return call(Book.objects.all())
+        finally:
+            connection.close()
+
+    plain = await asyncio.to_thread(plain_call)
+    plain_runs, Counted.runs = Counted.runs, 0
+    counted = call(Book.objects.run_async())
+    assert await asyncio.to_thread(resolve, counted) == plain
+    assert Counted.runs == plain_runs == 1
+
+
+def test_bulk_create_with_ignore_conflicts_in_batches(books):
+    objs = [Publisher(name="Pub")] + [Publisher(name=f"new {i}") for i in range(4)]
+    plain = rolled_back(
+        lambda: len(
+            Publisher.objects.bulk_create(
+                [Publisher(name=o.name) for o in objs],
+                ignore_conflicts=True,
+                batch_size=2,
+            )
+        )
+    )
+    made = Publisher.objects.run_async().bulk_create(
+        objs, ignore_conflicts=True, batch_size=2
+    )
+    assert len(resolve(made)) == plain == 5
+    assert Publisher.objects.count() == 5
