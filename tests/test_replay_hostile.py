@@ -167,6 +167,50 @@ def test_bulk_updates_of_deferred_fields_in_a_row_update_each_object(
     } == expected
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="replay keyed on (number, compiler class, model): the dry run's first "
+    "statement is the evaluation of the id_list queryset (in_bulk's bool()); the "
+    "caller evaluates it meanwhile, so the worker's first statement is in_bulk's "
+    "own SELECT of Book, and it is sent the ids' SELECT with that compiler's state: "
+    "objects with every field but the pk deferred",
+)
+def test_in_bulk_of_a_queryset_of_ids_the_caller_uses_meanwhile(books, one_busy_worker):
+    """``in_bulk(ids)`` with ``ids`` a values_list() queryset: Django evaluates it
+    (``if not id_list``) before its own SELECT. The queryset is the caller's, shared
+    with the worker, and the caller goes on to use it (``len(ids)``)."""
+
+    def loaded(objs):
+        return {pk: sorted(b.get_deferred_fields()) for pk, b in objs.items()}
+
+    ids = Book.objects.filter(pages__gt=110).values_list("pk", flat=True)
+    plain = loaded(Book.objects.in_bulk(ids.all()))
+    got = Book.objects.run_async().in_bulk(ids)
+    assert len(ids) == len(plain) == 4
+    one_busy_worker.set()
+    assert loaded(resolve(got)) == plain
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="as above, with field_name: the worker's in_bulk SELECT is sent the "
+    "names' SELECT, so the objects come without their pk (and fail when used)",
+)
+def test_in_bulk_by_name_of_a_queryset_the_caller_uses_meanwhile(
+    books, one_busy_worker
+):
+    Publisher.objects.create(name="Other")
+    names = Publisher.objects.order_by("name").values_list("name", flat=True)
+    plain = {
+        n: p.pk
+        for n, p in Publisher.objects.in_bulk(names.all(), field_name="name").items()
+    }
+    got = Publisher.objects.run_async().in_bulk(names, field_name="name")
+    assert list(names) == ["Other", "Pub"]
+    one_busy_worker.set()
+    assert {n: p.pk for n, p in resolve(got).items()} == plain
+
+
 # -- Findings: compiled twice after all ----------------------------------------------
 
 
