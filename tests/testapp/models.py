@@ -1,3 +1,4 @@
+from django.contrib.contenttypes.fields import GenericForeignKey, GenericRelation
 from django.db import models
 
 from asynchrormous import AsyncManager, AsyncModelMixin
@@ -91,3 +92,43 @@ class Note(models.Model):
 
     def __str__(self) -> str:
         return self.text
+
+
+class Label(models.Model):
+    """A generic label: a GenericForeignKey, and GenericRelations pointing back.
+
+    A filter across a GenericRelation looks up a ContentType while Django compiles
+    the SQL (the join's extra condition), through ContentType's process-wide cache.
+    """
+
+    content_type = models.ForeignKey(
+        "contenttypes.ContentType", models.CASCADE, related_name="+"
+    )
+    object_id = models.PositiveIntegerField()
+    content_object = GenericForeignKey("content_type", "object_id")
+    text = models.CharField(max_length=50)
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Shelf(models.Model):
+    name = models.CharField(max_length=50)
+    labels = GenericRelation(Label, related_query_name="shelf")
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Reader(models.Model):
+    name = models.CharField(max_length=50)
+    labels = GenericRelation(Label, related_query_name="reader")
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.name
