@@ -26,7 +26,9 @@ import asynchrormous
 
 SCALE = os.environ.get("ASYNCHRORMOUS_RELIABILITY", "short")
 if SCALE not in ("short", "full"):
-    raise RuntimeError(f"ASYNCHRORMOUS_RELIABILITY must be short or full, not {SCALE!r}")
+    raise RuntimeError(
+        f"ASYNCHRORMOUS_RELIABILITY must be short or full, not {SCALE!r}"
+    )
 
 
 def scaled(short: int, full: int) -> int:
@@ -68,4 +70,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "passed": exitstatus == 0,
         "scenarios": _FIGURES,
     }
-    (out / f"{db}-{SCALE}.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (out / f"{db}-{SCALE}.json").write_text(
+        json.dumps(report, indent=2, sort_keys=True)
+    )
