@@ -156,8 +156,8 @@ def test_saturation(workers, books, settings, figures):
             "writes_landed": sum(len(ks) for ks in landed.values()),
             "submitters_out_of_order": len(out_of_order),
             "timeout_polls": POLLS,
-            "timeout_late_ms_max": round(max(late) * 1000, 1),
-            "timeout_late_ms_mean": round(sum(late) / len(late) * 1000, 1),
+            "timeout_late_max_ms": round(max(late) * 1000, 1),
+            "timeout_late_mean_ms": round(sum(late) / len(late) * 1000, 1),
             "long_statement_runs": long_runs.runs,
             "max_worker_sessions": sessions["worker"] if sampler.server else None,
         }

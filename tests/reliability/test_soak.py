@@ -236,7 +236,7 @@ def test_soak(settings, figures):
             "back_to_baseline_s": round(after, 2),
             "rss_start_mb": round(rss[0] / 2**20, 1),
             "rss_end_mb": round(rss[-1] / 2**20, 1),
-            "rss_slope_kb_per_1000_queries": round(growth * 1000 / 1024, 1),
+            "rss_slope_per_1000_queries_kb": round(growth * 1000 / 1024, 1),
             "rss_samples": fitted,
         }
     )
