@@ -19,9 +19,9 @@ from collections import Counter
 import pytest
 from django.db import connection
 
-from asynchrormous.results import await_job, submit
+from asynchrormous.results import Running, await_job, submit
 from asynchrormous.signals import job_finished
-from tests.helpers import sleep_expr
+from tests.helpers import busy_expr, sleep_expr
 from tests.reliability.conftest import scaled
 from tests.reliability.probes import ServerSessions, kind_of
 from tests.testapp.models import Book
@@ -239,6 +239,62 @@ async def test_a_cancel_that_comes_before_the_statement_stops_it(
     figures.update({"job_ended_after_go_s": round(took, 3)})
     assert not ended.not_done
     assert took < LONG / 2, f"the cancelled job's statement ran {took:.2f} s"
+    assert quiet
+
+
+async def test_a_cancel_the_server_ignored_is_sent_again(
+    books, settings, figures, monkeypatch
+):
+    """A cancel that reaches the server before the statement does (it was on its
+    way) finds nothing to stop; it is sent again, so the statement still stops.
+
+    The cancel is held until the job has passed the point where its statement is
+    sent, and the statement held until the first cancel has gone.
+    """
+    settings.ASYNCHRORMOUS = {"WORKERS": 2, "TIMEOUT": 30.0}
+    pk = books[0].pk
+    sent = threading.Event()
+    cancels = []
+    send = Running._send_cancel
+
+    def send_and_tell(self, wrapper, raw):
+        send(self, wrapper, raw)
+        cancels.append(time.monotonic())
+        sent.set()
+
+    monkeypatch.setattr(Running, "_send_cancel", send_and_tell)
+    inside, server = threading.Event(), Quiet()
+
+    def hold(execute, sql, params, many, context):
+        inside.set()  # past the job's own check: the cancel goes to the server
+        assert sent.wait(10)
+        return execute(sql, params, many, context)
+
+    def read():
+        qs = Book.objects.filter(pk=pk).annotate(z=busy_expr())
+        with connection.execute_wrapper(hold):
+            return list(qs.values_list("pk", "z"))
+
+    try:
+        job = submit(read, alias="default", writes=False, description="busy read")
+        waiter = asyncio.create_task(await_job(job))
+        assert await asyncio.to_thread(inside.wait, 10)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        started = time.monotonic()
+        ended = await asyncio.to_thread(concurrent.futures.wait, [job.future], 10)
+        took = time.monotonic() - started
+        quiet = await asyncio.to_thread(server.within, 2.0)
+    finally:
+        sent.set()
+        server.close()
+    figures.update(
+        {"job_ended_after_cancel_s": round(took, 3), "cancels_sent": len(cancels)}
+    )
+    assert not ended.not_done, "the statement ran on after its cancel"
+    assert len(cancels) >= 2
+    assert job.future.exception() is not None  # stopped, not finished
     assert quiet
 
 
