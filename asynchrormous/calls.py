@@ -4,8 +4,9 @@ A background terminal runs Django's method on a worker. Before it is submitted, 
 caller runs the same method up to its first statement (the *dry run*), so Django's
 errors come at the call. Both runs see the arguments as they were at the call
 (``frozen``): each iterator is consumed once, as in a plain call, and a list the
-caller changes afterwards changes nothing. A fetch's SQL is compiled here once
-(``Compiled``), and the worker sends it.
+caller changes afterwards changes nothing. SQL is compiled once, here: a fetch's
+statement (``compile_fetch``), or a terminal's first statement in the dry run; the
+worker sends it as it is (``replaying``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from django.db.models.sql import Query
 from django.db.models.sql.compiler import SQLCompiler
 from django.utils.tree import Node
 
-__all__ = ["Compiled", "Deferred", "check_transaction", "dry_run", "encode", "frozen"]
+__all__ = [
+    "Deferred",
+    "Recording",
+    "check_transaction",
+    "compile_fetch",
+    "dry_run",
+    "encode",
+    "frozen",
+    "replaying",
+]
 
 
 def frozen(value: Any, *, iterators: bool = True) -> Any:
@@ -88,39 +98,6 @@ class Deferred(BaseException):
     """
 
 
-# Which threads are in a dry run now. A connection may be shared between threads
-# (LiveServerTestCase): the others must keep sending their statements.
-_dry_running = threading.local()
-
-
-class Compiled:
-    """A fetch's query compiled on the caller, for the worker to execute as it is.
-
-    The caller compiles anyway (a bad query must fail at the call); the worker
-    then sends that SQL instead of compiling it a second time.
-    """
-
-    def __init__(self, query: Query, using: str) -> None:
-        self.compiler = query.get_compiler(using=using)
-        self.empty = False
-        try:
-            self.sql = self.compiler.as_sql()
-        except EmptyResultSet:
-            self.empty = True  # Django then returns no rows, without a statement
-
-    def install(self, query: Query) -> None:
-        """Make ``query`` (the worker's private copy) execute this compilation."""
-        compiler = self.compiler
-        compiler.connection = connections[compiler.using]  # the worker's own
-        compiler.as_sql = self._as_sql
-        query.get_compiler = lambda *args, **kwargs: compiler  # type: ignore[method-assign]
-
-    def _as_sql(self, *args: Any, **kwargs: Any) -> Any:
-        if self.empty:
-            raise EmptyResultSet
-        return self.sql
-
-
 def encode(prepared: Any) -> None:
     """Encode a value psycopg would encode only while sending it (JSON's Jsonb).
 
@@ -131,34 +108,157 @@ def encode(prepared: Any) -> None:
         dumps(prepared.obj)
 
 
-def _compile_then_defer(self: SQLCompiler, *args: Any, **kwargs: Any) -> Any:
-    if not getattr(_dry_running, "active", False):
-        return super(type(self), self).execute_sql(*args, **kwargs)  # type: ignore[misc]
+class _Empty:
+    """A compilation that raised EmptyResultSet (Django then sends nothing)."""
+
+
+_EMPTY = _Empty()
+
+
+class _Numbering:
+    """Numbers one run's statements on its alias, in the order ``execute_sql()``
+    begins; ``as_sql`` then sees the compilation of statement ``number``."""
+
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.statements = 0
+        # The compiler itself is kept too, so that its id is not reused.
+        self.pending: dict[int, tuple[SQLCompiler, int]] = {}
+
+    def entered(self, compiler: SQLCompiler) -> None:
+        if compiler.connection.alias == self.alias:
+            self.statements += 1
+            self.pending[id(compiler)] = (compiler, self.statements)
+
+    def numbered(self, compiler: SQLCompiler) -> int | None:
+        """The number of the statement ``compiler`` is compiling for, if any."""
+        entry = self.pending.pop(id(compiler), None)
+        return None if entry is None else entry[1]
+
+    def as_sql(self, compiler: SQLCompiler, compile: Callable[[], Any]) -> Any:
+        raise NotImplementedError
+
+
+class Recording(_Numbering):
+    """A dry run's first statement, compiled once on the caller.
+
+    Up to its first statement a method's path depends on its arguments alone, so
+    the worker's run of the same method reaches the same statement with the same
+    number, where ``replaying`` hands it this compilation (and the compiler's
+    state) instead of compiling again.
+    """
+
+    def __init__(self, alias: str) -> None:
+        super().__init__(alias)
+        self.number: int | None = None
+        self.compiler: SQLCompiler | None = None
+        self.outcome: Any = None
+
+    def entered(self, compiler: SQLCompiler) -> None:
+        if compiler.connection.alias != self.alias:
+            raise Deferred  # another alias's statement: the worker sends it
+        super().entered(compiler)
+
+    def as_sql(self, compiler: SQLCompiler, compile: Callable[[], Any]) -> Any:
+        """Compile the statement about to be sent; keep it, and send nothing."""
+        number = self.numbered(compiler)
+        if number is None:
+            return compile()  # a subquery's: part of its statement's compilation
+        try:
+            outcome = compile()
+        except EmptyResultSet:
+            outcome = _EMPTY
+        else:
+            # One (sql, params) pair, or a list of them (an INSERT's batches).
+            for _, params in outcome if isinstance(outcome, list) else [outcome]:
+                for param in params:
+                    encode(param)
+        self.number, self.compiler, self.outcome = number, compiler, outcome
+        raise Deferred
+
+
+def compile_fetch(query: Query, alias: str) -> Recording:
+    """A fetch's statement, compiled now: the first one its evaluation sends.
+
+    The caller compiles anyway (a bad query must fail at the call); the worker
+    then sends that SQL instead of compiling it a second time.
+    """
+    recording = Recording(alias)
+    _numbering(alias)
+    outer = getattr(_active, "mode", None)
+    _active.mode = recording
     try:
-        compiled = self.as_sql()
+        compiler = query.get_compiler(using=alias)  # one that replays can match
+    finally:
+        _active.mode = outer
+    recording.number, recording.compiler = 1, compiler
+    try:
+        recording.outcome = compiler.as_sql()
     except EmptyResultSet:
-        raise Deferred from None
-    # One (sql, params) pair, or a list of them (an INSERT's batches).
-    for _, params in compiled if isinstance(compiled, list) else [compiled]:
-        for param in params:
-            encode(param)
-    raise Deferred
+        recording.outcome = _EMPTY  # Django then returns no rows, without a statement
+    return recording
 
 
-_dry_run_compilers: dict[type, type] = {}
+class _Replay(_Numbering):
+    """One run of a method on a worker, handed a Recording's compilation."""
+
+    def __init__(self, recording: Recording) -> None:
+        super().__init__(recording.alias)
+        self.recording = recording
+
+    def as_sql(self, compiler: SQLCompiler, compile: Callable[[], Any]) -> Any:
+        recording = self.recording
+        recorded = recording.compiler
+        if (
+            self.numbered(compiler) != recording.number
+            or type(compiler) is not type(recorded)
+            or compiler.query.model is not recorded.query.model
+        ):
+            return compile()
+        # The compiler's own state (select, klass_info, the query it set up, ...),
+        # as compiling left it on the caller; the connection stays the worker's.
+        state = dict(vars(recorded))
+        del state["connection"]
+        vars(compiler).update(state)
+        if recording.outcome is _EMPTY:
+            raise EmptyResultSet
+        return recording.outcome
 
 
-def _dry_run_compiler(compiler: type) -> type:
+# What this thread's calls compile: a dry run records, a worker replays.
+_active = threading.local()
+
+
+class _StatementCompiler(SQLCompiler):
+    """Mixed in before a backend's compiler while a dry run or a replay is active."""
+
+    def execute_sql(self, *args: Any, **kwargs: Any) -> Any:
+        mode = getattr(_active, "mode", None)
+        if mode is not None:
+            mode.entered(self)
+        return super().execute_sql(*args, **kwargs)
+
+    def as_sql(self, *args: Any, **kwargs: Any) -> Any:
+        mode = getattr(_active, "mode", None)
+        if mode is None or args or kwargs:  # execute_sql() compiles without arguments
+            return super().as_sql(*args, **kwargs)
+        return mode.as_sql(self, super().as_sql)
+
+
+_statement_compilers: dict[type, type] = {}
+
+
+def _statement_compiler(compiler: type) -> type:
     try:
-        return _dry_run_compilers[compiler]
+        return _statement_compilers[compiler]
     except KeyError:
-        dry = type(f"DryRun{compiler.__name__}", (compiler,), {})
-        dry.execute_sql = _compile_then_defer  # type: ignore[attr-defined]
-        return _dry_run_compilers.setdefault(compiler, dry)
+        made = type(compiler.__name__, (_StatementCompiler, compiler), {})
+        return _statement_compilers.setdefault(compiler, made)
 
 
 class _CompilerLookup:
-    """``ops.compiler`` of a connection: dry-run compilers for threads in a dry run.
+    """``ops.compiler`` of a connection: numbered compilers for threads that record
+    or replay a call.
 
     Installed once per connection and left there, so that threads sharing the
     connection never see each other's dry runs begin or end.
@@ -169,9 +269,34 @@ class _CompilerLookup:
 
     def __call__(self, name: str) -> type:
         compiler = self.lookup(name)
-        if getattr(_dry_running, "active", False):
-            return _dry_run_compiler(compiler)
+        if getattr(_active, "mode", None) is not None:
+            return _statement_compiler(compiler)
         return compiler
+
+
+def _numbering(alias: str) -> None:
+    ops = connections[alias].ops
+    if not isinstance(vars(ops).get("compiler"), _CompilerLookup):
+        ops.compiler = _CompilerLookup(ops.compiler)  # type: ignore[method-assign,assignment]
+
+
+@contextlib.contextmanager
+def replaying(recording: Recording | None) -> Iterator[None]:
+    """Run a method whose first statement ``recording`` compiled on the caller.
+
+    The worker's run reaches that statement and sends its SQL as it is, without
+    compiling it a second time; what comes after is compiled here, once.
+    """
+    if recording is None or recording.compiler is None:
+        yield
+        return
+    _numbering(recording.alias)
+    outer = getattr(_active, "mode", None)
+    _active.mode = _Replay(recording)
+    try:
+        yield
+    finally:
+        _active.mode = outer
 
 
 def check_transaction(alias: str) -> None:
@@ -184,25 +309,26 @@ def check_transaction(alias: str) -> None:
 
 
 @contextlib.contextmanager
-def dry_run(alias: str) -> Iterator[None]:
+def dry_run(alias: str) -> Iterator[Recording]:
     """Run Django's own code up to the first statement it would send on ``alias``.
 
     Everything Django checks first (lookups, arguments, SQL compilation, a broken
     ``atomic()`` block) raises here, on the caller's thread, with Django's types and
-    messages. No statement reaches the database.
+    messages. No statement reaches the database: the first one, compiled, is kept
+    in the Recording and ``Deferred`` raised instead.
     """
     check_transaction(alias)
     conn = connections[alias]
-    ops = conn.ops
-    if not isinstance(vars(ops).get("compiler"), _CompilerLookup):
-        ops.compiler = _CompilerLookup(ops.compiler)  # type: ignore[method-assign,assignment]
+    _numbering(alias)
     needs_rollback = conn.needs_rollback
     conn.execute_wrappers.insert(0, _no_begin)
-    _dry_running.active = True
+    recording = Recording(alias)
+    outer = getattr(_active, "mode", None)
+    _active.mode = recording
     try:
-        yield
+        yield recording
     finally:
-        _dry_running.active = False
+        _active.mode = outer
         conn.execute_wrappers.remove(_no_begin)
         # An atomic(savepoint=False) unwound by Deferred must not doom the caller's
         # own transaction when work runs inline.
@@ -218,6 +344,7 @@ def _no_begin(
     it would take the database's write lock, and wait for the caller's own
     pending writes, at the call.
     """
-    if getattr(_dry_running, "active", False) and sql.startswith("BEGIN"):
+    recording = isinstance(getattr(_active, "mode", None), Recording)
+    if recording and sql.startswith("BEGIN"):
         return None
     return execute(sql, params, many, context)

@@ -119,6 +119,10 @@ class Pin:
         self.generator: weakref.ref[Any] | None = None
         self.live_generators: Any = None
         self._released = False
+        #: Done once its worker served it to the end (a block left open rolled back).
+        self.served: Future[None] = Future()
+        #: Whether its task's later work waits for ``served`` (see dropped_blocks).
+        self.awaited = False
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue[WorkItem | None] = queue.SimpleQueue()
         self._board = pin_board(pool)
@@ -161,7 +165,10 @@ class Pin:
                 item.run()
                 del item
         finally:
-            _unwind_open_blocks(self.alias)
+            try:
+                _unwind_open_blocks(self.alias)
+            finally:
+                self.served.set_result(None)
 
     def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
@@ -245,6 +252,27 @@ def task_pin(alias: str, task: Any) -> Pin | None:
         return pin
     pin = (stream_pins.get(task) or {}).get(alias) if task is not None else None
     return pin if pin is not None and pin.open else None
+
+
+def dropped_blocks(alias: str, task: Any) -> list[Pin]:
+    """Blocks of ``task`` on ``alias`` in an async generator it dropped, not yet over.
+
+    asyncio rolls such a block back later, in a task of its own. Until then the
+    block still holds its locks, so the task's later work on ``alias`` waits for
+    it to end, as for the task's own pending writes.
+    """
+    held = pins.get()
+    if not held or task is None:
+        return []
+    return [
+        pin
+        for pin in held.values()
+        if pin.alias == alias
+        and pin.task is task
+        and pin.generator is not None
+        and not pin.open
+        and not pin.served.done()
+    ]
 
 
 def pinned(alias: str, task: Any) -> Pin | None:

@@ -23,7 +23,16 @@ from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
 from . import aio
-from .calls import Compiled, Deferred, check_transaction, dry_run, encode, frozen
+from .calls import (
+    Deferred,
+    Recording,
+    check_transaction,
+    compile_fetch,
+    dry_run,
+    encode,
+    frozen,
+    replaying,
+)
 from .exceptions import AsynchrormousError, ResultTimeout
 from .pool import read_with_reconnect
 from .results import DEFAULT, Job, await_job, lazy_result, submit
@@ -44,17 +53,16 @@ _INVALIDATING = frozenset({"update", "delete"})
 _fetch_lock = threading.Lock()
 
 
-def _fetch_rows(queryset: QuerySet[Any]) -> list[Any]:
-    queryset._fetch_all()
+def _fetch_rows(queryset: QuerySet[Any], compiled: Recording | None) -> list[Any]:
+    with replaying(compiled):
+        queryset._fetch_all()
     rows = queryset._result_cache
     assert rows is not None
     return rows
 
 
-def _fetch(queryset: QuerySet[Any], compiled: Compiled | None = None) -> list[Any]:
-    if compiled is not None:
-        compiled.install(queryset.query)
-    return read_with_reconnect(queryset.db, _fetch_rows, queryset)
+def _fetch(queryset: QuerySet[Any], compiled: Recording | None = None) -> list[Any]:
+    return read_with_reconnect(queryset.db, _fetch_rows, queryset, compiled)
 
 
 def _expressions(node: Any) -> Iterator[Any]:
@@ -168,7 +176,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         # server's version is left to the worker.
         compiled = None
         with contextlib.suppress(SynchronousOnlyOperation):
-            compiled = Compiled(clone.query, db)
+            compiled = compile_fetch(clone.query, db)
         return submit(
             _fetch,
             clone,
@@ -292,20 +300,25 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         has run already, once, here. It first runs on the caller up to its first
         statement (see ``calls.dry_run``); if it answers without one (a filled
         result cache), that was its one run, and that is the value. Otherwise it
-        runs again on a worker. Its arguments are captured at the call (``frozen``:
-        iterators made lists, containers copied), so both runs see the same values.
+        runs again on a worker, which sends the first statement as the dry run
+        compiled it (``calls.replaying``). Its arguments are captured at the call
+        (``frozen``: iterators made lists, containers copied), so both runs see
+        the same values.
         """
         writes = name in _WRITES
         args, kwargs = frozen(args), frozen(kwargs)
         qs, db = self._terminal_clone(writes)
         method = getattr(super(AsyncQuerySetMixin, qs), name)
+        recording: Recording | None = None
         try:
-            with dry_run(db):
+            with dry_run(db) as recording:
                 return method(*args, **kwargs)
-        except (Deferred, SynchronousOnlyOperation):
-            # SynchronousOnlyOperation: called from async code, Django wanted the
-            # server's version first; the worker will do those checks.
+        except Deferred:
             pass
+        except SynchronousOnlyOperation:
+            # Called from async code, Django wanted the server's version first;
+            # the worker will do those checks, and compile.
+            recording = None
         qs._result_cache = None
         if name in _INVALIDATING:
             self._invalidate()
@@ -314,6 +327,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
             method,
             args,
             kwargs,
+            recording,
             alias=db,
             writes=writes,
             description=self._describe(name),
@@ -615,12 +629,24 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         return raw  # type: ignore[return-value]
 
 
-def _call(method: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    return method(*args, **kwargs)
+def _call(
+    method: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    recording: Recording | None = None,
+) -> Any:
+    with replaying(recording):
+        return method(*args, **kwargs)
 
 
-def _read(method: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    return read_with_reconnect(method.__self__.db, _call, method, args, kwargs)  # type: ignore[attr-defined]
+def _read(
+    method: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    recording: Recording | None = None,
+) -> Any:
+    db = method.__self__.db  # type: ignore[attr-defined]
+    return read_with_reconnect(db, _call, method, args, kwargs, recording)
 
 
 class AsyncQuerySet(AsyncQuerySetMixin[_T]):

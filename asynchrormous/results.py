@@ -25,7 +25,7 @@ from django.utils.functional import Promise, SimpleLazyObject, lazy
 
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
-from .pins import pinned
+from .pins import dropped_blocks, pinned
 from .pool import PoolClosed, get_pool, in_worker
 from .signals import instrumented, job_finished
 
@@ -475,10 +475,15 @@ def submit(
         return Job(future, description)
     running = Running(alias)
     fn = running.track(fn)
-    pin = pinned(alias, current_task())
+    task = current_task()
+    pin = pinned(alias, task)
     if pin is not None:
         # Inside the task's async atomic() block: on its worker, in order.
         return Job(pin.submit(fn, *args), description, running=running)
+    for dropped in dropped_blocks(alias, task):
+        if not dropped.awaited:
+            dropped.awaited = True
+            track_pending(alias, dropped.served, writes=True)
     before = prerequisites(alias, writes=writes)
     if before:
         future = _on_the_pool(

@@ -110,6 +110,37 @@ async def test_a_block_in_an_async_generator_left_with_break_rolls_back_and_free
     assert not await committed("In generator")
 
 
+async def test_the_next_query_after_dropping_a_generators_block_waits_for_its_end(
+    books,
+):
+    """asyncio rolls the dropped generator's block back later, in a task of its own;
+    until then the block holds its locks (shared-cache SQLite fails another
+    connection's write at once). The task's next query comes after that end, as
+    after its own pending writes."""
+    author = books[0].author
+
+    async def rows():
+        async with atomic():
+            await Book.objects.acreate(title="In generator", author=author)
+            yield 1
+
+    with override_settings(ASYNCHRORMOUS=TWO_WORKERS):
+        async with asyncio.timeout(20):
+            async for _ in rows():
+                break
+            (block,) = pins.pins.get().values()
+            assert not block.served.done()  # asyncio has not run its aclose() yet
+
+            def ran_after_the_block():
+                return block.served.done(), threading.current_thread().name
+
+            after, thread = await asynchrormous.aio.run(
+                ran_after_the_block, alias="default", writes=False, description="probe"
+            )
+            assert after and thread.startswith("asynchrormous-")
+    assert not await committed("In generator")
+
+
 async def test_one_atomic_object_entered_twice_frees_its_worker(books):
     block = atomic()
     with override_settings(ASYNCHRORMOUS=TWO_WORKERS):

@@ -447,27 +447,21 @@ class Counted(models.Func):
         return super().as_sql(compiler, connection, **extra)
 
 
-# Fetches send the SQL the caller compiled. A terminal's dry run builds and compiles
-# Django's query on the caller and the worker runs Django's method again; handing
-# its compiled query over would mean taking Django's terminals (get_aggregation,
-# update's row count) apart: not done, see the issue note.
-COMPILED_TWICE = pytest.mark.xfail(
-    strict=True, reason="a terminal is compiled by the dry run and by the worker"
-)
-
-
+# Fetches and terminals send the SQL the caller compiled (tests/test_compiled_once.py
+# covers every terminal).
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param("update", marks=COMPILED_TWICE),
+        "update",
         "fetch",
-        pytest.param("count", marks=COMPILED_TWICE),
+        "count",
     ],
 )
 def test_a_custom_expression_is_compiled_once_per_call_as_in_django(books, call):
     """DESIGN: "build (and compile) on the caller, and hand the built query to the
-    worker". Plain Django compiles once per call; here the caller compiles in the
-    dry run (or _submit_fetch) and the worker compiles again: as_sql() runs twice.
+    worker". Plain Django compiles once per call. The caller compiles (in the dry
+    run, or _submit_fetch) and the worker sends that SQL: as_sql() runs once. It
+    once ran twice for terminals, compiled by the dry run and by the worker.
     """
 
     def run(qs):

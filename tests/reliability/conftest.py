@@ -134,6 +134,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "passed": exitstatus == 0,
         "scenarios": _FIGURES,
     }
-    (out / f"{db}-{SCALE}.json").write_text(
-        json.dumps(report, indent=2, sort_keys=True)
-    )
+    text = json.dumps(report, indent=2, sort_keys=True)
+    (out / f"{db}-{SCALE}.json").write_text(text)

@@ -73,3 +73,21 @@ class Document(models.Model):
 
     def __str__(self) -> str:
         return f"Document {self.pk}"
+
+
+class Memo(Document):
+    """Multi-table inheritance: an update of both tables selects the rows first."""
+
+    title = models.CharField(max_length=100)
+
+
+class Note(models.Model):
+    """A value Django makes while it compiles the INSERT (auto_now)."""
+
+    text = models.CharField(max_length=100)
+    stamped = models.DateTimeField(auto_now=True)
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.text
