@@ -29,7 +29,10 @@ def number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,}"
     if isinstance(value, dict):
-        return ", ".join(f"{k} {number(v)}" for k, v in value.items()) or "none"
+        return (
+            ", ".join(f"{k.replace('_', ' ')} {number(v)}" for k, v in value.items())
+            or "none"
+        )
     if isinstance(value, (list, tuple)):
         return "; ".join(number(v) for v in value)
     return str(value)

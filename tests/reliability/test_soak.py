@@ -233,7 +233,7 @@ def test_soak(settings, figures):
             "threads": SUBMITTERS,
             "event_loop_lanes": LANES,
             "duration_s": round(duration, 1),
-            "queries_per_s": round(sum(done) / duration),
+            "queries_per_second": round(sum(done) / duration),
             "errors": error_counts(errors),
             "hung_callers": len(hung),
             "workers": WORKERS,
