@@ -213,7 +213,9 @@ def test_soak(settings, figures):
     duration = time.monotonic() - start
     hung = [t.name for t in threads if t.is_alive()]
     sessions = sampler.max_by_kind()
+    stopping = time.monotonic()
     asynchrormous.shutdown(timeout=WAIT)
+    stopped = time.monotonic() - stopping
     back, after = server.wait_until(
         lambda rows: {pid for pid, _ in rows} <= baseline, timeout=10
     )
@@ -244,7 +246,8 @@ def test_soak(settings, figures):
             "distinct_worker_sessions_seen": sampler.distinct("worker"),
             "worker_connections_opened": len(opened),
             "baseline_sessions": len(baseline),
-            "back_to_baseline_s": round(after, 2),
+            "shutdown_s": round(stopped, 3),
+            "back_to_baseline_after_shutdown_s": round(after, 2),
             "rss_start_mb": round(rss[0] / 2**20, 1),
             "rss_end_mb": round(rss[-1] / 2**20, 1),
             "rss_slope_per_1000_queries_kb": round(growth * 1000 / 1024, 1),
@@ -273,4 +276,5 @@ def test_soak(settings, figures):
     assert len(opened) <= WORKERS, figures
     assert sessions["caller"] <= SUBMITTERS + 2, sessions
     assert back, "the workers' sessions outlived shutdown()"
+    assert stopped < WAIT
     assert growth * (sum(done) / 2) < RSS_GROWTH_LIMIT, figures
