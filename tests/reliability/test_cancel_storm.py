@@ -6,6 +6,10 @@ its cancel were lost, so the server itself shows every cancel: once the storm is
 over no session of the process may still be running a statement after a bound
 well under ``LONG``, no job may have run its statement to the end, the bystanders
 (never cancelled) all answer correctly, and the pool answers the next query at once.
+
+The storm found cancels that were lost (a statement ran its full LONG seconds about
+one run in three); the three cases after it hold a job at each point where that
+happened, on every database.
 """
 
 from __future__ import annotations
