@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 from django.utils.functional import Promise, SimpleLazyObject, lazy
 
+from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
@@ -216,22 +217,31 @@ class Running:
 
     def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
+            since = outages.epoch
             wrapper = connections[self.alias]
-            if wrapper.vendor == "mysql":
-                # mysqlclient refuses thread_id() while another thread uses the
-                # connection, so learn the session id before the statement starts.
-                wrapper.ensure_connection()
-                self.mysql_thread_id = wrapper.connection.thread_id()
-            with self.lock:
-                self._refuse_if_cancelled()
-                self.connection = wrapper
-            wrapper.execute_wrappers.append(self._guard)
             try:
-                return fn(*args)
-            finally:
-                wrapper.execute_wrappers.remove(self._guard)
+                if wrapper.vendor == "mysql":
+                    # mysqlclient refuses thread_id() while another thread uses the
+                    # connection, so learn the session id before the statement starts.
+                    wrapper.ensure_connection()
+                    self.mysql_thread_id = wrapper.connection.thread_id()
                 with self.lock:
-                    self.connection = None
+                    self._refuse_if_cancelled()
+                    self.connection = wrapper
+                wrapper.execute_wrappers.append(self._guard)
+                try:
+                    result = fn(*args)
+                finally:
+                    wrapper.execute_wrappers.remove(self._guard)
+                    with self.lock:
+                        self.connection = None
+            except (OperationalError, InterfaceError) as exc:
+                if outages.lost(wrapper):
+                    outages.failed(self.alias, exc, since)
+                raise
+            if outages.down:  # a plain check: nothing more while no alias is down
+                outages.succeeded(self.alias, since)
+            return result
 
         return run
 

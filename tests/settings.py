@@ -43,6 +43,20 @@ elif DB in ("postgres", "postgres-pool"):
     if DB == "postgres-pool":
         # Django's own psycopg connection pool (OPTIONS["pool"]), under the workers.
         DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 0, "max_size": 8}}
+elif DB == "postgres-pgbouncer":
+    # PgBouncer in transaction mode, which tests/pgbouncer.py (pytest -p
+    # tests.pgbouncer) starts on a free port: what its users must set (README).
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "postgres",
+            "USER": "postgres",
+            "HOST": "127.0.0.1",
+            "PORT": int(os.environ.get("ASYNCHRORMOUS_PGBOUNCER_PORT", 6432)),
+            "DISABLE_SERVER_SIDE_CURSORS": True,
+            "TEST": {"NAME": f"test_asynchrormous_{SUFFIX}"},
+        }
+    }
 elif DB == "mariadb":
     DATABASES = {
         "default": {
@@ -57,8 +71,8 @@ elif DB == "mariadb":
     }
 else:
     raise RuntimeError(
-        "ASYNCHRORMOUS_TEST_DB must be sqlite, sqlite-memory, postgres, postgres-pool "
-        "or mariadb, "
+        "ASYNCHRORMOUS_TEST_DB must be sqlite, sqlite-memory, postgres, postgres-pool, "
+        "postgres-pgbouncer or mariadb, "
         f"not {DB!r}"
     )
 
