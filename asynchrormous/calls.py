@@ -152,6 +152,7 @@ class Recording(_Numbering):
         super().__init__(alias)
         self.number: int | None = None
         self.compiler: SQLCompiler | None = None
+        self.query: dict[str, Any] = {}
         self.outcome: Any = None
 
     def entered(self, compiler: SQLCompiler) -> None:
@@ -164,6 +165,7 @@ class Recording(_Numbering):
         number = self.numbered(compiler)
         if number is None:
             return compile()  # a subquery's: part of its statement's compilation
+        query = _state(compiler.query)  # before compiling changes it
         try:
             outcome = compile()
         except EmptyResultSet:
@@ -173,7 +175,8 @@ class Recording(_Numbering):
             for _, params in outcome if isinstance(outcome, list) else [outcome]:
                 for param in params:
                     encode(param)
-        self.number, self.compiler, self.outcome = number, compiler, outcome
+        self.number, self.compiler, self.query = number, compiler, query
+        self.outcome = outcome
         raise Deferred
 
 
@@ -192,6 +195,7 @@ def compile_fetch(query: Query, alias: str) -> Recording:
     finally:
         _active.mode = outer
     recording.number, recording.compiler = 1, compiler
+    recording.query = _state(query)
     try:
         recording.outcome = compiler.as_sql()
     except EmptyResultSet:
@@ -212,7 +216,10 @@ class _Replay(_Numbering):
         if (
             self.numbered(compiler) != recording.number
             or type(compiler) is not type(recorded)
-            or compiler.query.model is not recorded.query.model
+            or not (
+                compiler.query is recorded.query  # a fetch's own query
+                or _same(_state(compiler.query), recording.query)
+            )
         ):
             return compile()
         # The compiler's own state (select, klass_info, the query it set up, ...),
@@ -223,6 +230,33 @@ class _Replay(_Numbering):
         if recording.outcome is _EMPTY:
             raise EmptyResultSet
         return recording.outcome
+
+
+def _state(query: Query) -> dict[str, Any]:
+    """What a query's SQL is made of, as it is now (compiling changes some of it).
+
+    Its attributes, containers copied one level down, so that two runs' queries
+    can be compared with Django's own equality of lookups and expressions.
+    """
+    return {
+        name: copy.copy(value) if type(value) in (dict, list, set) else value
+        for name, value in vars(query).items()
+    }
+
+
+def _same(state: dict[str, Any], recorded: dict[str, Any]) -> bool:
+    """Whether the worker's statement is the one the caller compiled.
+
+    Up to its first statement a method's path may depend on more than its
+    arguments (a cache warmed meanwhile, a deferred field loaded, a queryset
+    argument evaluated): then the worker's statement of the same number is
+    another one, and compiles on its own. A value that cannot be compared (a
+    subquery's Query compares by identity) counts as different.
+    """
+    try:
+        return bool(state == recorded)
+    except Exception:
+        return False
 
 
 # What this thread's calls compile: a dry run records, a worker replays.

@@ -68,7 +68,9 @@ def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
             raise
         if conn.connection is not None and conn.is_usable():
             raise
-        logger.warning("replacing a lost connection to %r and retrying", alias)
+        # Not a warning: a replaced connection costs the caller nothing, and an
+        # outage is logged once, by the job (results.Running.track).
+        logger.debug("replacing a lost connection to %r and retrying", alias)
         conn.close()
         return fn(*args)
 

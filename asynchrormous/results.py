@@ -16,12 +16,14 @@ import copy
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 from django.utils.functional import Promise, SimpleLazyObject, lazy
 
+from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
@@ -188,33 +190,77 @@ class Running:
 
     A cancel is delivered under ``lock``, and the job ends only under it: so a
     cancel reaches the server while this job's statement runs, never after the
-    worker has moved on to its next job on the same connection.
+    worker has moved on to its next job on the same connection. A server ignores
+    a cancel that finds no statement running, so once cancelled the job sends no
+    further statement, and a job that has sent one is cancelled again until it ends.
     """
 
-    __slots__ = ("alias", "connection", "lock", "mysql_thread_id")
+    __slots__ = (
+        "alias",
+        "cancelled",
+        "connection",
+        "lock",
+        "mysql_thread_id",
+        "sent",
+    )
+
+    #: Seconds between two cancels of a statement that has not ended yet.
+    RESEND = 0.1
 
     def __init__(self, alias: str) -> None:
         self.alias = alias
+        self.cancelled = False
         self.connection: Any = None
         self.lock = threading.Lock()
         self.mysql_thread_id: int | None = None
+        self.sent = False  # a statement of the job has gone to the server
 
     def track(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
+            since = outages.epoch
             wrapper = connections[self.alias]
-            if wrapper.vendor == "mysql":
-                # mysqlclient refuses thread_id() while another thread uses the
-                # connection, so learn the session id before the statement starts.
-                wrapper.ensure_connection()
-                self.mysql_thread_id = wrapper.connection.thread_id()
-            self.connection = wrapper
             try:
-                return fn(*args)
-            finally:
+                if wrapper.vendor == "mysql":
+                    # mysqlclient refuses thread_id() while another thread uses the
+                    # connection, so learn the session id before the statement starts.
+                    wrapper.ensure_connection()
+                    self.mysql_thread_id = wrapper.connection.thread_id()
                 with self.lock:
-                    self.connection = None
+                    self._refuse_if_cancelled()
+                    self.connection = wrapper
+                wrapper.execute_wrappers.append(self._guard)
+                try:
+                    result = fn(*args)
+                finally:
+                    wrapper.execute_wrappers.remove(self._guard)
+                    with self.lock:
+                        self.connection = None
+            except (OperationalError, InterfaceError) as exc:
+                if outages.lost(wrapper):
+                    outages.failed(self.alias, exc, since)
+                raise
+            if outages.down:  # a plain check: nothing more while no alias is down
+                outages.succeeded(self.alias, since)
+            return result
 
         return run
+
+    def _refuse_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise Cancelled("the job was cancelled before its statement ran.")
+
+    def _guard(
+        self,
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: Any,
+    ) -> Any:
+        with self.lock:
+            self._refuse_if_cancelled()
+            self.sent = True
+        return execute(sql, params, many, context)
 
     def cancel(self) -> None:
         """Ask the database to stop this job's statement, if it is still running.
@@ -223,23 +269,35 @@ class Running:
         daemon one: a cancel lost at interpreter exit would leave the statement
         running on the server.
         """
-        if self.connection is not None:
+        with self.lock:
+            self.cancelled = True
+            running = self.sent
+        if running:
             threading.Thread(target=self._deliver_cancel).start()
 
     def _deliver_cancel(self) -> None:
-        with self.lock:
-            wrapper = self.connection
-            raw = getattr(wrapper, "connection", None)
-            if raw is None:
-                return  # the job has ended
-            if wrapper.vendor == "postgresql":
-                # Returns once the server has the request, so it cannot reach the
-                # worker's next statement.
-                getattr(raw, "cancel_safe", raw.cancel)()
-            elif wrapper.vendor == "sqlite":
-                raw.interrupt()  # thread-safe, by sqlite3's documentation
-            elif wrapper.vendor == "mysql" and self.mysql_thread_id is not None:
-                _kill_mysql_query(wrapper.get_connection_params(), self.mysql_thread_id)
+        # A cancel that reaches the server before the statement does is ignored
+        # there: send it again until the job ends, at most TIMEOUT seconds.
+        timeout = get_settings().timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            with self.lock:
+                wrapper = self.connection
+                raw = getattr(wrapper, "connection", None)
+                if raw is None:
+                    return  # the job has ended
+                self._send_cancel(wrapper, raw)
+            time.sleep(self.RESEND)
+
+    def _send_cancel(self, wrapper: Any, raw: Any) -> None:
+        if wrapper.vendor == "postgresql":
+            # Returns once the server has the request, so it cannot reach the
+            # worker's next statement.
+            getattr(raw, "cancel_safe", raw.cancel)()
+        elif wrapper.vendor == "sqlite":
+            raw.interrupt()  # thread-safe, by sqlite3's documentation
+        elif wrapper.vendor == "mysql" and self.mysql_thread_id is not None:
+            _kill_mysql_query(wrapper.get_connection_params(), self.mysql_thread_id)
 
 
 def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:

@@ -18,7 +18,7 @@ import asynchrormous
 from asynchrormous import AsyncQuerySet, atomic, prefetch, resolve
 from asynchrormous.results import submit
 from tests.helpers import backend_id_expr, caller_backend_id, occupy_a_worker
-from tests.testapp.models import Author, Book, Comment, Publisher, Tag, Topic
+from tests.testapp.models import Author, Book, Label, Publisher, Reader, Shelf, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,7 +59,7 @@ def library(db):
     tags = [Tag.objects.create(name=f"tag {i}") for i in range(3)]
     for a in range(3):
         author = Author.objects.create(name=f"Author {a}")
-        Comment.objects.create(content_object=author, text=f"on author {a}")
+        Label.objects.create(content_object=author, text=f"on author {a}")
         for b in range(3):
             book = Book.objects.create(
                 title=f"Book {a}.{b}",
@@ -69,13 +69,15 @@ def library(db):
             )
             book.tags.set(tags[: b + 1])
             for n in range(b):
-                Comment.objects.create(content_object=book, text=f"on {a}.{b} #{n}")
-    for t in range(3):
-        topic = Topic.objects.create(name=f"Topic {t}")
-        for n in range(t + 1):
-            Comment.objects.create(content_object=topic, text=f"on topic {t} #{n}")
+                Label.objects.create(content_object=book, text=f"on {a}.{b} #{n}")
+    for s in range(3):
+        shelf = Shelf.objects.create(name=f"Shelf {s}")
+        reader = Reader.objects.create(name=f"Reader {s}")
+        for n in range(s + 1):
+            Label.objects.create(content_object=shelf, text=f"on shelf {s} #{n}")
+            Label.objects.create(content_object=reader, text=f"on reader {s} #{n}")
     # Cached, as in a warm process.
-    ContentType.objects.get_for_models(Author, Book, Topic)
+    ContentType.objects.get_for_models(Author, Book, Shelf, Reader)
 
 
 def state(obj, to_attrs, depth=4):
@@ -131,15 +133,13 @@ CASES = {
     "through select_related": lambda: Book.objects.select_related(
         "author"
     ).prefetch_related("author__books", "publisher", "tags"),
-    "generic foreign key": lambda: Comment.objects.prefetch_related(
+    "generic foreign key": lambda: Label.objects.prefetch_related(
         "content_object", "content_type"
     ),
-    "generic relation": lambda: Topic.objects.prefetch_related(
-        "comments",
-        "comments__content_object",
-        Prefetch(
-            "comments", Comment.objects.filter(text__endswith="#0"), to_attr="old"
-        ),
+    "generic relation": lambda: Shelf.objects.prefetch_related(
+        "labels",
+        "labels__content_object",
+        Prefetch("labels", Label.objects.filter(text__endswith="#0"), to_attr="old"),
     ),
     "lookups of the related queryset": lambda: Author.objects.prefetch_related(
         Prefetch("books", Book.objects.prefetch_related("tags", "publisher")),

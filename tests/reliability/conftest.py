@@ -52,6 +52,62 @@ def figures(request: pytest.FixtureRequest) -> dict[str, Any]:
     print(f"\n[reliability] {name}: {json.dumps(found, sort_keys=True)}")
 
 
+#: What else the session saw: the server's version, the machine's load, and each
+#: test's outcome and scenario (its module and the first line of its docstring).
+_ENV: dict[str, Any] = {"load_at_start": os.getloadavg()}
+_OUTCOMES: dict[str, str] = {}
+_MODULES: dict[str, str] = {}
+_TITLES: dict[str, str] = {}
+
+
+def server_version() -> str:
+    """The database server's name and version, e.g. ``PostgreSQL 15.14``."""
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        return f"SQLite {sqlite3.sqlite_version}"
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SHOW server_version")
+            return f"PostgreSQL {cursor.fetchone()[0].split()[0]}"
+        cursor.execute("SELECT VERSION()")
+        version = cursor.fetchone()[0]
+    if "MariaDB" in version:
+        return f"MariaDB {version.split('-')[0]}"
+    return f"MySQL {version}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _server_version(django_db_setup: None, django_db_blocker: Any) -> None:
+    with django_db_blocker.unblock():
+        try:
+            _ENV["server"] = server_version()
+        except Exception as exc:  # a figure, never a reason to fail a scenario
+            _ENV["server"] = f"{connection.vendor} (version unknown: {exc})"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" or report.outcome != "passed":
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
+        elif report.when == "teardown" and report.failed:
+            outcome = "error"
+        else:
+            outcome = report.outcome
+        _OUTCOMES.setdefault(item.name, outcome)
+        if outcome in ("failed", "error"):
+            _OUTCOMES[item.name] = outcome
+        module = getattr(item, "module", None)
+        if module is not None:
+            name = module.__name__.rsplit(".", 1)[-1]
+            _MODULES[item.name] = name
+            doc = (module.__doc__ or name).strip().splitlines()[0]
+            _TITLES[name] = doc
+    return report
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _FIGURES:
         return
@@ -67,6 +123,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "django": django.get_version(),
         "asynchrormous": getattr(asynchrormous, "__version__", "0.1.0"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {sys.platform}",
+        "server": _ENV.get("server", connection.vendor),
+        "load_average": {
+            "start": [round(x, 2) for x in _ENV["load_at_start"]],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "outcomes": _OUTCOMES,
+        "modules": _MODULES,
+        "titles": _TITLES,
         "passed": exitstatus == 0,
         "scenarios": _FIGURES,
     }

@@ -1,5 +1,4 @@
 from django.contrib.contenttypes.fields import GenericForeignKey, GenericRelation
-from django.contrib.contenttypes.models import ContentType
 from django.db import models
 
 from asynchrormous import AsyncManager, AsyncModelMixin
@@ -95,11 +94,29 @@ class Note(models.Model):
         return self.text
 
 
-class Topic(models.Model):
-    """Generic relations of their own, so that Author and Book keep theirs unchanged."""
+class Label(models.Model):
+    """A generic label: a GenericForeignKey, and GenericRelations pointing back.
 
+    A filter across a GenericRelation looks up a ContentType while Django compiles
+    the SQL (the join's extra condition), through ContentType's process-wide cache.
+    """
+
+    content_type = models.ForeignKey(
+        "contenttypes.ContentType", models.CASCADE, related_name="+"
+    )
+    object_id = models.PositiveIntegerField()
+    content_object = GenericForeignKey("content_type", "object_id")
+    text = models.CharField(max_length=50)
+
+    objects = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Shelf(models.Model):
     name = models.CharField(max_length=50)
-    comments = GenericRelation("Comment")
+    labels = GenericRelation(Label, related_query_name="shelf")
 
     objects = AsyncManager()
 
@@ -107,15 +124,11 @@ class Topic(models.Model):
         return self.name
 
 
-class Comment(models.Model):
-    """A comment on any object: prefetch through generic relations."""
-
-    content_type = models.ForeignKey(ContentType, models.CASCADE)
-    object_id = models.PositiveBigIntegerField()
-    content_object = GenericForeignKey("content_type", "object_id")
-    text = models.CharField(max_length=100)
+class Reader(models.Model):
+    name = models.CharField(max_length=50)
+    labels = GenericRelation(Label, related_query_name="reader")
 
     objects = AsyncManager()
 
     def __str__(self) -> str:
-        return self.text
+        return self.name
