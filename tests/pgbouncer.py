@@ -203,6 +203,9 @@ SESSIONS = (
 )
 NOT_BEHIND_PGBOUNCER = {
     "tests/test_faults.py::": KILLS,
+    "tests/test_replay_hostile.py::test_a_read_retried_on_a_replaced_connection_": (
+        KILLS
+    ),
     "tests/test_pool.py::test_a_connection_killed_while_idle_": KILLS,
     "tests/test_background.py::test_query_runs_on_a_worker_thread_and_connection": (
         SESSIONS

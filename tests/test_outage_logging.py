@@ -17,6 +17,13 @@ from tests.testapp.models import Book
 
 needs_a_server = pytest.mark.skipif(connection.vendor == "sqlite", reason="no server")
 
+# Django's psycopg pool opens its connections once, with the port it started with:
+# changing the port in the settings takes nothing down.
+pytestmark = pytest.mark.skipif(
+    bool(connection.settings_dict.get("OPTIONS", {}).get("pool")),
+    reason="Django's connection pool keeps the port it started with",
+)
+
 
 @pytest.fixture
 def outage(transactional_db):
