@@ -25,6 +25,8 @@ W1_SLEEP = 0.020  # seconds of server time per W1 query
 W4_SLEEP = 0.005  # per W4 query: 16 callers x 8 queries would otherwise take long
 W4_CALLERS = 16
 W4_BATCHES = 8  # per caller, per sample
+W6_WORKERS = 4  # W6: a small pool, kept busy by W6_CALLERS callers running W4's batch
+W6_CALLERS = 16
 
 # (kind, filter kwargs, server-side sleep in seconds); kind is list, count or get.
 Op = tuple[str, dict[str, Any], float]
@@ -47,6 +49,7 @@ WORKLOADS: dict[str, list[Op]] = {
     "W2-1": [("get", {"pk": 4_242}, 0.0)],
     "W3": [("list", {"bucket": b}, 0.0) for b in range(BUCKETS)],
     "W4": _w1(W4_SLEEP),
+    "W6": [("get", {"pk": 4_242}, 0.0)],
 }
 
 
