@@ -3,6 +3,8 @@
 A ``concurrent.futures.Executor`` of our own rather than ``ThreadPoolExecutor``
 because a Django connection belongs to the thread that opened it: only the worker
 itself can close it when it goes idle or too old, so the worker loop must own that.
+A caller that needs a queued item's result may run it itself (``WorkItem.run_here``):
+whichever thread claims an item first runs it, and only that one.
 """
 
 from __future__ import annotations
