@@ -8,6 +8,7 @@ event loop, never a job a worker has claimed or that was cancelled.
 import asyncio
 import concurrent.futures
 import contextvars
+import os
 import threading
 
 import pytest
@@ -234,3 +235,26 @@ def test_a_job_taken_over_that_fails_raises_where_it_is_used(books, busy_pool):
         resolve(missing)
     # The caller's connection is still usable.
     assert Book.objects.count() == 6
+
+
+def test_a_forked_child_never_runs_its_parents_queued_job(books, busy_pool):
+    """The child's copy of the queue is not its own: the parent's pool runs the job."""
+    caller_backend_id()
+    job = submit(os.getpid, alias="default", writes=False, description="pid")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest or touch the database
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, repr(job.take_over()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert report == "False"
+    assert job.result() == os.getpid()
