@@ -689,6 +689,8 @@ def only_report(r: Results, workloads: list[str]) -> str:
                 f"- W2 batch of 8, {LABELS[name]}: "
                 f"{r.median('W2', name) / r.median('W2', 'A'):.2f}x A"
             )
+    if r.w4:
+        lines += ["", f"## {TITLES['W4']}", "", *w4_table(r)]
     if r.w6:
         lines += ["", f"## {TITLES['W6']}", "", *w6_table(r)]
     return "\n".join(lines) + "\n"
