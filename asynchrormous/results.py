@@ -223,9 +223,10 @@ def _may_run_here(job: Job) -> bool:
     only once the caller's earlier jobs that it comes after are done, so writes
     keep their order.
     """
-    if asyncio._get_running_loop() is not None:
+    alias = job.alias
+    if asyncio._get_running_loop() is not None or alias not in connections.settings:
         return False
-    conn = connections[job.alias]  # type: ignore[index]
+    conn = connections[alias]
     if conn.connection is None or conn.in_atomic_block or not conn.autocommit:
         return False
     return not job.after or all(f.done() for f in job.after)
