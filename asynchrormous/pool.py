@@ -111,6 +111,7 @@ def _adopt_locals(context: contextvars.Context) -> None:
 
 class WorkItem:
     __slots__ = (
+        "__weakref__",
         "args",
         "claimed",
         "context",

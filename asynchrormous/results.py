@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -172,7 +173,7 @@ class Job:
         a job runs once, on a worker or here, never on both.
         """
         work = self.work
-        if work is None or work.claimed or not _may_run_here(self):
+        if work is None or work.claimed or not _may_run_here(self.alias, self.after):
             return False
         self.work = None
         return work.run_here()
@@ -214,8 +215,11 @@ def _reporter(description: str) -> Callable[[concurrent.futures.Future[Any]], No
     return report
 
 
-def _may_run_here(job: Job) -> bool:
-    """Whether this thread may run ``job`` itself rather than wait for a worker.
+def _may_run_here(
+    alias: str | None, after: list[concurrent.futures.Future[Any]] | None
+) -> bool:
+    """Whether this thread may run a job on ``alias`` that comes ``after`` those
+    jobs itself, rather than wait for a worker.
 
     Not on an event loop's thread (a query would block the loop); only on a
     connection the thread already holds, outside a transaction (the job is not
@@ -223,13 +227,32 @@ def _may_run_here(job: Job) -> bool:
     only once the caller's earlier jobs that it comes after are done, so writes
     keep their order.
     """
-    alias = job.alias
     if asyncio._get_running_loop() is not None or alias not in connections.settings:
         return False
     conn = connections[alias]
     if conn.connection is None or conn.in_atomic_block or not conn.autocommit:
         return False
-    return not job.after or all(f.done() for f in job.after)
+    return not after or all(f.done() for f in after)
+
+
+def _run_own_jobs_here(
+    alias: str, futures: list[concurrent.futures.Future[Any]]
+) -> None:
+    """Before a caller's plain query waits for its own pending jobs, run those no
+    worker has picked up yet here, each once the jobs it comes after are done."""
+    progress = True
+    while progress:
+        progress = False
+        for future in futures:
+            ref = getattr(future, "work", None)
+            work = ref() if ref is not None else None
+            if (
+                work is not None
+                and not work.claimed
+                and _may_run_here(alias, getattr(future, "after", None))
+                and work.run_here()
+            ):
+                progress = True
 
 
 def _finished_job(value: Any, description: str) -> Job:
@@ -423,6 +446,7 @@ class _Barrier:
     def drain(self, *, writes: bool = True) -> None:
         pending = prerequisites(self.alias, writes=writes)
         if pending:
+            _run_own_jobs_here(self.alias, pending)
             what = f"the pending background jobs on {self.alias!r}"
             _wait_all(pending, DEFAULT, what)
         mine = _callers_pending() is self.owner or self.owner.pid != os.getpid()
@@ -518,6 +542,9 @@ def submit(
     else:
         work = _on_the_pool(writes, description, fn, *args)
     track_pending(alias, work.future, writes=writes, pending=pending)
+    # For a plain query of the caller that must wait for it (_run_own_jobs_here).
+    work.future.work = weakref.ref(work)  # type: ignore[attr-defined]
+    work.future.after = before  # type: ignore[attr-defined]
     return Job(
         work.future, description, running=running, work=work, alias=alias, after=before
     )

@@ -164,16 +164,21 @@ def test_a_read_after_a_queued_write_waits_for_it(books, busy_pool, jobs):
     assert [j["thread"].startswith("asynchrormous-") for j in jobs] == [True, True]
 
 
-def test_inside_atomic_a_job_started_before_runs_on_a_worker(books, busy_pool, jobs):
-    """Not on the caller's connection: it would join the caller's transaction."""
+def test_a_job_started_before_atomic_never_runs_inside_the_transaction(
+    books, busy_pool
+):
+    """Not inside the caller's block: a write would roll back with it. On PostgreSQL
+    a worker runs it; SQLite's BEGIN, a statement, first runs it on the caller."""
     caller_backend_id()
-    n = Book.objects.run_async().count()
-    # SQLite's BEGIN is a statement, which waits for the caller's earlier jobs.
+
+    def probe():
+        return connection.in_atomic_block
+
+    job = submit(probe, alias="default", writes=False, description="probe")
     release_later(busy_pool)
     with transaction.atomic():
-        assert n == 6
+        assert job.result() is False
         assert connection.in_atomic_block
-    assert jobs[0]["thread"].startswith("asynchrormous-")
 
 
 def test_a_cancelled_job_is_not_taken_over(books, busy_pool, jobs):
@@ -265,3 +270,43 @@ def test_a_forked_child_never_runs_its_parents_queued_job(books, busy_pool):
     assert os.WEXITSTATUS(status) == 0
     assert report == "False"
     assert job.result() == os.getpid()
+
+
+def test_a_plain_query_runs_the_callers_queued_writes_here_first(
+    books, busy_pool, jobs
+):
+    """Read-your-writes without waiting for a busy pool: the plain query's barrier
+    runs the caller's own queued jobs on its connection, in order, then the query."""
+    caller_backend_id()
+    qs = Book.objects.run_async()
+    qs.create(title="Mine", author=books[0].author, pages=1, year=2020)
+    qs.filter(title="Mine").update(pages=7)
+    qs.filter(title="Mine").update(pages=8)
+    assert Book.objects.get(title="Mine").pages == 8
+    assert [j["description"] for j in jobs] == [
+        "Book queryset.create()",
+        "Book queryset.update()",
+        "Book queryset.update()",
+    ]
+    assert {j["thread"] for j in jobs} == {here().name}
+    assert not busy_pool.is_set()
+
+
+def test_a_plain_write_runs_the_callers_queued_read_here_before_it(
+    books, busy_pool, jobs
+):
+    caller_backend_id()
+    n = Book.objects.run_async().filter(pages=100).count()
+    # Waits for the count (it reads the rows as they were): runs it here first.
+    Book.objects.filter(pages=100).update(pages=1)
+    assert n == 1 and Book.objects.filter(pages=100).count() == 0
+    assert jobs[0]["thread"] == here().name
+
+
+def test_a_plain_write_in_djangos_own_atomic_waits_for_a_worker(books, busy_pool, jobs):
+    """delete() opens atomic() before its statement: the read is not run inside."""
+    caller_backend_id()
+    n = Book.objects.run_async().count()
+    release_later(busy_pool)
+    Book.objects.filter(pk=books[0].pk).delete()
+    assert n == 6 and Book.objects.count() == 5
