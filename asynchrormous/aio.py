@@ -48,7 +48,7 @@ async def run(
 ) -> Any:
     """Run ``fn(*args)`` on the pool and await its value."""
     if await on_callers_sync_thread(alias):
-        if job_finished.has_listeners():
+        if job_finished.receivers:
             fn = instrumented(fn, alias, description, inline=True)
         return await sync_to_async(fn, thread_sensitive=True)(*args)
     job = submit(fn, *args, alias=alias, writes=writes, description=description)
@@ -96,7 +96,7 @@ async def stream(
                 close()
 
     def fetch(fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        if job_finished.has_listeners():
+        if job_finished.receivers:
             fn = instrumented(fn, alias, description, inline=False)
         return pin.submit(fn)
 

@@ -3,6 +3,8 @@
 A ``concurrent.futures.Executor`` of our own rather than ``ThreadPoolExecutor``
 because a Django connection belongs to the thread that opened it: only the worker
 itself can close it when it goes idle or too old, so the worker loop must own that.
+A caller that needs a queued item's result may run it itself (``WorkItem.run_here``):
+whichever thread claims an item first runs it, and only that one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "WorkItem",
     "WorkerPool",
     "get_pool",
+    "in_job",
     "in_worker",
     "read_with_reconnect",
     "shutdown",
@@ -45,13 +48,28 @@ T = TypeVar("T")
 
 _worker_state = threading.local()
 
+# The process that built the pools; a forked child's is its own (see
+# _after_fork_in_child): it never runs its parent's queued work.
+_pid = os.getpid()
+
+# Makes one thread's claim of a WorkItem win: a worker's, or a waiting caller's.
+_claims = threading.Lock()
+
 #: ``shutdown()``'s default timeout: the TIMEOUT setting.
 DEFAULT_TIMEOUT: Any = object()
 
 
 def in_worker() -> bool:
-    """Whether this thread is a pool worker (nested work then runs inline)."""
+    """Whether this thread is a pool worker."""
     return getattr(_worker_state, "is_worker", False)
+
+
+def in_job() -> bool:
+    """Whether this thread is running a job: a worker, or a caller that took one
+    over (nested work then runs inline, and no write barrier holds it back)."""
+    return getattr(_worker_state, "is_worker", False) or getattr(
+        _worker_state, "running", False
+    )
 
 
 def read_with_reconnect(alias: str, fn: Callable[..., T], *args: Any) -> T:
@@ -94,7 +112,18 @@ def _adopt_locals(context: contextvars.Context) -> None:
 
 
 class WorkItem:
-    __slots__ = ("args", "context", "description", "fn", "future", "kwargs", "writes")
+    __slots__ = (
+        "__weakref__",
+        "args",
+        "claimed",
+        "context",
+        "description",
+        "fn",
+        "future",
+        "kwargs",
+        "pid",
+        "writes",
+    )
 
     def __init__(
         self,
@@ -113,10 +142,41 @@ class WorkItem:
         self.description = description
         # The job sees the submitter's contextvars (tenant ids, logging context).
         self.context = contextvars.copy_context()
+        self.claimed = False
+        self.pid = _pid
+
+    def claim(self) -> bool:
+        """Whether the calling thread is the one to run this item.
+
+        Exactly one claim succeeds, a worker's or a waiting caller's, and none
+        after a ``cancel()``: a job never runs twice.
+        """
+        with _claims:
+            if self.claimed:
+                return False
+            self.claimed = True
+        return self.future.set_running_or_notify_cancel()
+
+    def run_here(self) -> bool:
+        """Run the item on this thread, which would otherwise wait for it, if no
+        worker has claimed it; True if it ran. Never in a forked child, whose copy
+        of its parent's queue is not its own."""
+        if self.pid != _pid or not self.claim():
+            return False
+        running = getattr(_worker_state, "running", False)
+        _worker_state.running = True
+        try:
+            self.execute()
+        finally:
+            _worker_state.running = running
+        return True
 
     def run(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return
+        if self.claim():
+            self.execute()
+
+    def execute(self) -> None:
+        """Run the claimed item in the submitter's context; set its future."""
         try:
             result = self.context.run(self._call)
         except BaseException as exc:
@@ -235,10 +295,11 @@ def _worker(
                 continue
             if item is None:
                 return
-            keeper.before_job()
-            item.run()
+            if item.claim():  # a waiting caller may have run it already
+                keeper.before_job()
+                item.execute()
+                keeper.after_job()
             del item
-            keeper.after_job()
             pool = pool_ref()
             if pool is not None:
                 pool._idle.release()
@@ -282,9 +343,12 @@ class WorkerPool(Executor):
         *,
         writes: bool,
         description: str,
-    ) -> Future[T]:
-        """``submit(fn, *args)``; a write is run to its end by ``shutdown()``."""
-        return self._put(WorkItem(Future(), fn, args, {}, writes, description))
+    ) -> WorkItem:
+        """``submit(fn, *args)`` as a WorkItem, which a waiting caller may take over;
+        a write is run to its end by ``shutdown()``."""
+        item = WorkItem(Future(), fn, args, {}, writes, description)
+        self._put(item)
+        return item
 
     def _put(self, item: WorkItem) -> Future[Any]:
         with self._lock:
@@ -447,7 +511,9 @@ _abandoned_in_fork: list[WorkerPool] = []
 
 
 def _after_fork_in_child() -> None:
-    global _pool, _pool_lock
+    global _pool, _pool_lock, _pid, _claims
+    _pid = os.getpid()
+    _claims = threading.Lock()
     if _pool is not None:
         _abandoned_in_fork.append(_pool)
     _abandoned_in_fork.extend(_stopping)

@@ -300,11 +300,15 @@ class _Run:
         if job_finished.has_listeners():
             fn = instrumented(fn, self.alias, f"prefetch of {step.path!r}", False)
         try:
-            step.future = get_pool().submit_job(
-                read_with_reconnect,
-                (self.alias, fn),
-                writes=False,
-                description=f"prefetch of {step.path!r}",
+            step.future = (
+                get_pool()
+                .submit_job(
+                    read_with_reconnect,
+                    (self.alias, fn),
+                    writes=False,
+                    description=f"prefetch of {step.path!r}",
+                )
+                .future
             )
         except PoolClosed:
             step.future = None  # shutdown() is running: Django's step runs here

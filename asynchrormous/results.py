@@ -2,8 +2,9 @@
 
 A job runs on the worker pool, or inline on the caller's thread when the caller is
 inside a transaction on the job's database (read-your-writes) or is itself a worker
-(no deadlock on a full pool). Either way its outcome lives in a
-``concurrent.futures.Future`` and surfaces where the lazy result is first used.
+(no deadlock on a full pool). A sync caller that needs a result no worker has picked
+up yet runs the job itself (caller-runs), on its own open connection. Either way its
+outcome lives in a ``concurrent.futures.Future`` and surfaces where it is first used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -27,7 +29,7 @@ from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
-from .pool import PoolClosed, get_pool, in_worker
+from .pool import PoolClosed, WorkItem, get_pool, in_job
 from .signals import instrumented, job_finished
 
 __all__ = [
@@ -74,10 +76,13 @@ class Job:
 
     __slots__ = (
         "__weakref__",
+        "after",
+        "alias",
         "description",
         "future",
         "running",
         "transform",
+        "work",
     )
 
     def __init__(
@@ -86,11 +91,19 @@ class Job:
         description: str,
         transform: Callable[[Any], Any] | None = None,
         running: Running | None = None,
+        work: WorkItem | None = None,
+        alias: str | None = None,
+        after: list[concurrent.futures.Future[Any]] | None = None,
     ) -> None:
         self.future = future
         self.description = description
         self.transform = transform
         self.running = running
+        #: The queued pool item, which a waiting caller may take over; its database,
+        #: and the caller's earlier jobs it must come after.
+        self.work = work
+        self.alias = alias
+        self.after = after
         with _handles_lock:
             future.handles = getattr(future, "handles", 0) + 1  # type: ignore[attr-defined]
 
@@ -104,7 +117,15 @@ class Job:
 
     def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
         """A job whose value is ``transform(this job's value)``: count() of a fetch."""
-        return Job(self.future, description, transform, self.running)
+        return Job(
+            self.future,
+            description,
+            transform,
+            self.running,
+            self.work,
+            self.alias,
+            self.after,
+        )
 
     def abandon(self) -> None:
         """Nobody will use this job's outcome (a write made its rows stale)."""
@@ -116,11 +137,17 @@ class Job:
     def result(self, timeout: float | None = DEFAULT) -> Any:
         """The value; raises the worker's exception with its type and traceback.
 
+        A job no worker has picked up yet is run here, on this thread's open
+        connection, instead of waited for (see ``take_over``), unless an explicit
+        ``timeout`` bounds the wait.
+
         Raises:
             ResultTimeout: not ready within ``timeout`` (default: the TIMEOUT setting).
                 The job goes on; the next call waits for the same job.
             Cancelled: the job was cancelled before it ran.
         """
+        if self.work is not None and (timeout is DEFAULT or timeout is None):
+            self.take_over()
         timeout = _timeout(timeout)
         try:
             exc = self.future.exception(timeout)
@@ -138,6 +165,20 @@ class Job:
             raise exc
         value = self.future.result()
         return value if self.transform is None else self.transform(value)
+
+    def take_over(self) -> bool:
+        """Run the job on this thread if no worker has picked it up; True if it did.
+
+        The caller-runs policy of fork/join pools: a saturated pool then costs a
+        caller no more than running the query itself, and a result used right after
+        it was started needs no hand-off to a worker and back. The claim is atomic:
+        a job runs once, on a worker or here, never on both.
+        """
+        work = self.work
+        if work is None or work.claimed or not _may_run_here(self.alias, self.after):
+            return False
+        self.work = None
+        return work.run_here()
 
     def __repr__(self) -> str:
         state = self.future._state.lower()  # PENDING, RUNNING, FINISHED, CANCELLED…
@@ -174,6 +215,46 @@ def _reporter(description: str) -> Callable[[concurrent.futures.Future[Any]], No
             )
 
     return report
+
+
+def _may_run_here(
+    alias: str | None, after: list[concurrent.futures.Future[Any]] | None
+) -> bool:
+    """Whether this thread may run a job on ``alias`` that comes ``after`` those
+    jobs itself, rather than wait for a worker.
+
+    Not on an event loop's thread (a query would block the loop); only on a
+    connection the thread already holds, outside a transaction (the job is not
+    part of it), so a caller never opens a connection of its own for this; and
+    only once the caller's earlier jobs that it comes after are done, so writes
+    keep their order.
+    """
+    if asyncio._get_running_loop() is not None or alias not in connections.settings:
+        return False
+    conn = connections[alias]
+    if conn.connection is None or conn.in_atomic_block or not conn.autocommit:
+        return False
+    return not after or all(f.done() for f in after)
+
+
+def _run_own_jobs_here(
+    alias: str, futures: list[concurrent.futures.Future[Any]]
+) -> None:
+    """Before a caller's plain query waits for its own pending jobs, run those no
+    worker has picked up yet here, each once the jobs it comes after are done."""
+    progress = True
+    while progress:
+        progress = False
+        for future in futures:
+            ref = getattr(future, "work", None)
+            work = ref() if ref is not None else None
+            if (
+                work is not None
+                and not work.claimed
+                and _may_run_here(alias, getattr(future, "after", None))
+                and work.run_here()
+            ):
+                progress = True
 
 
 def _finished_job(value: Any, description: str) -> Job:
@@ -341,10 +422,9 @@ _pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
 
 
 def current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no event loop in this thread
-        return None
+    # Without raising and catching RuntimeError in a thread with no event loop.
+    loop = asyncio._get_running_loop()
+    return None if loop is None else asyncio.current_task(loop)
 
 
 def _callers_pending() -> _Pending:
@@ -353,7 +433,10 @@ def _callers_pending() -> _Pending:
     Per task, not per event-loop thread: concurrent tasks never wait on each other.
     A forked child starts with none: its parent's jobs are not its own.
     """
-    task = current_task()
+    return _pending_of(current_task())
+
+
+def _pending_of(task: asyncio.Task[Any] | None) -> _Pending:
     owner = threading.current_thread() if task is None else task
     pending = _pending.get()
     if pending is None or pending.owner is not owner or pending.pid != os.getpid():
@@ -369,7 +452,12 @@ def prerequisites(alias: str, *, writes: bool) -> list[concurrent.futures.Future
     Every job waits for the caller's earlier writes (it reads them); a write also
     waits for the caller's earlier reads (they read the rows as they were).
     """
-    record: _Pending | None = _callers_pending()
+    return _prerequisites(_callers_pending(), alias, writes)
+
+
+def _prerequisites(
+    record: _Pending | None, alias: str, writes: bool
+) -> list[concurrent.futures.Future[Any]]:
     kinds = ("writes", "reads") if writes else ("writes",)
     for kind in ("writes", "reads"):
         own = getattr(record, kind).get(alias)
@@ -408,12 +496,15 @@ class _Barrier:
         many: bool,
         context: Any,
     ) -> Any:
-        self.drain(writes=not _is_read(sql))
+        # A job this thread took over comes after the caller's earlier jobs already.
+        if not in_job():
+            self.drain(writes=not _is_read(sql))
         return execute(sql, params, many, context)
 
     def drain(self, *, writes: bool = True) -> None:
         pending = prerequisites(self.alias, writes=writes)
         if pending:
+            _run_own_jobs_here(self.alias, pending)
             what = f"the pending background jobs on {self.alias!r}"
             _wait_all(pending, DEFAULT, what)
         mine = _callers_pending() is self.owner or self.owner.pid != os.getpid()
@@ -428,9 +519,14 @@ def _is_read(sql: str) -> bool:
 
 
 def track_pending(
-    alias: str, future: concurrent.futures.Future[Any], *, writes: bool
+    alias: str,
+    future: concurrent.futures.Future[Any],
+    *,
+    writes: bool,
+    pending: _Pending | None = None,
 ) -> None:
-    pending = _callers_pending()
+    if pending is None:
+        pending = _callers_pending()
     (pending.writes if writes else pending.reads).setdefault(alias, []).append(future)
     wrappers = connections[alias].execute_wrappers
     if not any(isinstance(w, _Barrier) and w.owner is pending for w in wrappers):
@@ -452,9 +548,10 @@ def must_run_inline(alias: str) -> bool:
     """Whether work on ``alias`` must run on the caller's own thread and connection.
 
     Inside a transaction the caller's uncommitted rows are visible only to its own
-    connection; inside a worker, waiting on the pool could deadlock it.
+    connection; inside a job (a worker's, or one a caller took over), waiting on the
+    pool could deadlock it.
     """
-    if in_worker():
+    if in_job():
         return True
     conn = connections[alias]
     return conn.in_atomic_block or (conn.connection is not None and not conn.autocommit)
@@ -473,7 +570,8 @@ def submit(
     """
     future: concurrent.futures.Future[Any]
     inline = must_run_inline(alias)
-    if job_finished.has_listeners():
+    # A plain list: with no receivers, jobs are not instrumented at all.
+    if job_finished.receivers:
         fn = instrumented(fn, alias, description, inline)
     if inline:
         future = concurrent.futures.Future()
@@ -483,6 +581,7 @@ def submit(
         except BaseException as exc:
             future.set_exception(exc)
         return Job(future, description)
+    # Every job: its statement may be cancelled, and its failure may be an outage.
     running = Running(alias)
     fn = running.track(fn)
     task = current_task()
@@ -494,20 +593,26 @@ def submit(
         if not dropped.awaited:
             dropped.awaited = True
             track_pending(alias, dropped.served, writes=True)
-    before = prerequisites(alias, writes=writes)
+    pending = _pending_of(task)
+    before = _prerequisites(pending, alias, writes)
     if before:
-        future = _on_the_pool(
+        work = _on_the_pool(
             writes, description, _run_after, before, get_settings().timeout, fn, *args
         )
     else:
-        future = _on_the_pool(writes, description, fn, *args)
-    track_pending(alias, future, writes=writes)
-    return Job(future, description, running=running)
+        work = _on_the_pool(writes, description, fn, *args)
+    track_pending(alias, work.future, writes=writes, pending=pending)
+    # For a plain query of the caller that must wait for it (_run_own_jobs_here).
+    work.future.work = weakref.ref(work)  # type: ignore[attr-defined]
+    work.future.after = before  # type: ignore[attr-defined]
+    return Job(
+        work.future, description, running=running, work=work, alias=alias, after=before
+    )
 
 
 def _on_the_pool(
     writes: bool, description: str, fn: Callable[..., Any], *args: Any
-) -> concurrent.futures.Future[Any]:
+) -> WorkItem:
     while True:
         pool = get_pool()
         try:
@@ -719,7 +824,9 @@ def resolve(value: T, timeout: float | None = DEFAULT) -> T:
         ResultTimeout, Cancelled, or the exception the background job raised.
     """
     if is_background_queryset(value):
-        value._resolve_background(_timeout(timeout))  # type: ignore[attr-defined]
+        _timeout(timeout)  # a bad value raises here
+        # DEFAULT as it is: only a wait without an explicit timeout runs the job here.
+        value._resolve_background(timeout)  # type: ignore[attr-defined]
         return value
     job = job_of(value)
     return value if job is None else job.result(timeout)

@@ -14,11 +14,14 @@ from typing import Any
 from django.db import connections
 from django.dispatch import Signal
 
+from .pool import in_worker
+
 __all__ = ["instrumented", "job_finished"]
 
 #: Sent from the thread that ran the job, once it ends, with keyword arguments
-#: ``description`` (str), ``alias`` (str), ``thread`` (thread name), ``inline``
-#: (bool: ran on the caller's thread), ``started`` and ``finished``
+#: ``description`` (str), ``alias`` (str), ``thread`` (the name of the thread that
+#: ran it), ``inline`` (bool: ran on a caller's thread: in a transaction, or taken
+#: over by a caller that needed it first), ``started`` and ``finished``
 #: (``time.perf_counter()`` values), ``sql`` (list of statements) and ``exception``
 #: (the exception it raised, or None). The sender is None.
 job_finished = Signal()
@@ -56,7 +59,7 @@ def instrumented(
                 description=description,
                 alias=alias,
                 thread=threading.current_thread().name,
-                inline=inline,
+                inline=inline or not in_worker(),
                 started=started,
                 finished=time.perf_counter(),
                 sql=statements,

@@ -29,6 +29,8 @@ W5_OWNERS = 50
 W5_KINDS = 4  # one prefetch lookup per kind
 W5_PARTS = 2  # per owner and kind
 W5_SLEEP = 0.020  # per W5 query: the main query and each lookup
+W6_WORKERS = 4  # W6: a small pool, kept busy by W6_CALLERS callers running W4's batch
+W6_CALLERS = 16
 
 # (kind, filter kwargs, server-side sleep in seconds); kind is list, count or get.
 Op = tuple[str, dict[str, Any], float]
@@ -51,6 +53,7 @@ WORKLOADS: dict[str, list[Op]] = {
     "W2-1": [("get", {"pk": 4_242}, 0.0)],
     "W3": [("list", {"bucket": b}, 0.0) for b in range(BUCKETS)],
     "W4": _w1(W4_SLEEP),
+    "W6": [("get", {"pk": 4_242}, 0.0)],
 }
 
 

@@ -1,6 +1,7 @@
 """Benchmarks of asynchrormous against plain Django and the alternatives (issue #8).
 
     python benchmarks/run.py [--rounds N] [--w4-rounds N] [--quick] [--workloads W5]
+    python benchmarks/run.py --only W2,W6 [--quick]   # those workloads, no D, no report
 
 Creates and fills its own PostgreSQL database, starts contender D in its own
 virtualenv (Python 3.12+, Django 6.1, django-async-backend), runs every contender on
@@ -47,6 +48,8 @@ from benchmarks.common import (  # noqa: E402
     W5_OWNERS,
     W5_PARTS,
     W5_SLEEP,
+    W6_CALLERS,
+    W6_WORKERS,
     WORKERS,
     WORKLOADS,
     ConnectionSampler,
@@ -84,7 +87,11 @@ TITLES = {
     f"queries of {W4_SLEEP * 1000:.0f} ms",
     "W5": f"W5 prefetch: {W5_OWNERS} rows and {W5_KINDS} prefetch lookups, every "
     f"query {W5_SLEEP * 1000:.0f} ms",
+    "W6": f"W6 busy pool: one pk lookup while {W6_CALLERS} callers keep "
+    f"WORKERS={W6_WORKERS} busy",
 }
+# W6's contenders: C's pool and D's process are not the pool kept busy.
+W6_CONTENDERS = ["A", "sync", "async"]
 
 
 # -- Setup ------------------------------------------------------------------------
@@ -328,10 +335,12 @@ def find_python312() -> str | None:
 class DProcess:
     """django-async-backend's process; ``error`` says why it could not run."""
 
-    def __init__(self, python: str | None) -> None:
-        self.error: str | None = None
+    def __init__(self, python: str | None, skip: str | None = None) -> None:
+        self.error: str | None = skip
         self.versions: dict[str, str] = {}
         self.proc: subprocess.Popen[str] | None = None
+        if skip is not None:
+            return
         try:
             exe = python or self._venv()
             self.proc = subprocess.Popen(
@@ -471,6 +480,72 @@ def run_w4(name: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# -- W6: one caller's small query while the pool is kept busy ------------------------
+
+
+def w6_child(samples: int, seed: int) -> None:
+    """Run W6 in this process (WORKERS=W6_WORKERS) and print one JSON line.
+
+    W6_CALLERS threads run W4's batch through asynchrormous in a loop, so its small
+    pool always has a queue; meanwhile this thread times one primary-key lookup,
+    its contenders interleaved in random order.
+    """
+    django_setup(f"bench-w6-{os.getpid()}")
+    from asynchrormous import shutdown
+    from asynchrormous.pool import get_pool
+
+    contenders = InProcess()
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            contenders.run("sync", "W4")
+
+    threads = [
+        threading.Thread(target=load, name=f"load-{i}") for i in range(W6_CALLERS)
+    ]
+    for thread in threads:
+        thread.start()
+    rng = random.Random(seed)
+    for name in W6_CONTENDERS * 5:  # warm-up: connections, the loop
+        contenders.run(name, "W6")
+    tasks = [name for name in W6_CONTENDERS for _ in range(samples)]
+    rng.shuffle(tasks)
+    out: dict[str, Any] = {name: [] for name in W6_CONTENDERS}
+    queued = []
+    pool = get_pool()
+    for name in tasks:
+        time.sleep(rng.uniform(0.001, 0.004))
+        queued.append(pool._queue.qsize())
+        out[name].append(contenders.run(name, "W6")["t"])
+    stop.set()
+    for thread in threads:
+        thread.join()
+    out["queued"] = queued
+    print(json.dumps(out), flush=True)
+    shutdown()
+
+
+def run_w6(samples: int, seed: int) -> dict[str, Any]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--w6-child",
+            str(samples),
+            "--seed",
+            str(seed),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "BENCH_WORKERS": str(W6_WORKERS)},
+    )
+    if done.returncode:
+        raise RuntimeError(f"W6 child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # -- Rounds --------------------------------------------------------------------------
 
 
@@ -478,6 +553,8 @@ def run_w4(name: str) -> dict[str, Any]:
 class Results:
     samples: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     w4: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: W6's latencies by contender, and the pool's queue length at each sample.
+    w6: dict[str, list[float]] = field(default_factory=dict)
     created_threads: Counter[str] = field(default_factory=Counter)
 
     def add(self, workload: str, name: str, seconds: float) -> None:
@@ -546,6 +623,9 @@ def measure(
             answer = d.run("W4") if name == "D" else run_w4(name)
             results.w4.setdefault(name, []).append(answer)
         log(f"W4 round {round_no + 1}/{args.w4_rounds}")
+    if "W6" in args.workloads:
+        results.w6 = run_w6(args.w6_samples, args.seed)
+        log("W6")
     return results
 
 
@@ -619,6 +699,9 @@ def targets(r: Results) -> list[Target]:
                 reconnects == 0,
             )
         )
+    if r.w6:
+        x, a = statistics.median(r.w6["sync"]), statistics.median(r.w6["A"])
+        out.append(Target("W6", "sync", "≤ 1.2x A", f"{x / a:.2f}x A", x <= 1.2 * a))
     return out
 
 
@@ -680,6 +763,53 @@ def w4_table(r: Results) -> list[str]:
             f"{sum(run['reconnects'] for run in runs)} | {len(runs)} |"
         )
     return rows
+
+
+def w6_table(r: Results) -> list[str]:
+    a = statistics.median(r.w6["A"])
+    rows = [
+        "| contender | median ms | p90 ms | ÷ A | samples |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in W6_CONTENDERS:
+        samples = sorted(r.w6[name])
+        med = statistics.median(samples)
+        p90 = samples[int(0.9 * (len(samples) - 1))]
+        rows.append(
+            f"| {LABELS[name]} | {fmt_ms(med)} | {fmt_ms(p90)} | {med / a:.2f} | "
+            f"{len(samples)} |"
+        )
+    queued = r.w6["queued"]
+    rows += [
+        "",
+        f"Jobs queued in the pool at each sample: median "
+        f"{statistics.median(queued):.0f}, min {min(queued)}, max {max(queued)}.",
+    ]
+    return rows
+
+
+def only_report(r: Results, workloads: list[str]) -> str:
+    """The tables of the workloads run with ``--only``, and W2's added costs."""
+    lines = []
+    for workload in ("W1", "W2", "W2-1", "W3"):
+        if (workload, "A") in r.samples:
+            lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
+    if ("W2-1", "A") in r.samples:
+        a = r.median("W2-1", "A")
+        lines.append("")
+        for name in ("C", "sync", "async"):
+            added = (r.median("W2-1", name) - a) * 1e6
+            lines.append(f"- W2-1 added cost over A, {LABELS[name]}: {added:+.0f} µs")
+        for name in ("C", "sync", "async"):
+            lines.append(
+                f"- W2 batch of 8, {LABELS[name]}: "
+                f"{r.median('W2', name) / r.median('W2', 'A'):.2f}x A"
+            )
+    if r.w4:
+        lines += ["", f"## {TITLES['W4']}", "", *w4_table(r)]
+    if r.w6:
+        lines += ["", f"## {TITLES['W6']}", "", *w6_table(r)]
+    return "\n".join(lines) + "\n"
 
 
 def machine() -> dict[str, str]:
@@ -801,6 +931,19 @@ def write_report(
         "",
         *w4_table(r),
     ]
+    if r.w6:
+        lines += [
+            "",
+            f"## {TITLES['W6']}",
+            "",
+            f"A fresh process with `WORKERS = {W6_WORKERS}`: {W6_CALLERS} threads run "
+            "W4's batch through asynchrormous in a loop while one more thread times",
+            "one primary-key lookup, the contenders interleaved in random order. "
+            "`start()` waits by running a job no worker has picked up itself; an",
+            "event loop never runs a query, so `await` waits for a worker.",
+            "",
+            *w6_table(r),
+        ]
     reconnected = ", ".join(f"{k} ({v})" for k, v in sorted(r.created_threads.items()))
     lines += [
         "",
@@ -947,18 +1090,32 @@ def main() -> None:
     parser.add_argument(
         "--workloads",
         type=lambda s: s.split(","),
-        default=["W1", "W2", "W3", "W4", "W5"],
+        default=["W1", "W2", "W3", "W4", "W5", "W6"],
         help="comma-separated; RESULTS.md needs W1 to W4, others are printed",
     )
     parser.add_argument("--quick", action="store_true", help="a few rounds, to try")
     parser.add_argument("--d-python", help="the interpreter for D (default: a venv)")
+    parser.add_argument("--w6-samples", type=int, default=300)
+    parser.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        help="comma-separated workloads (e.g. W2,W6): run them without D, print "
+        "their tables, write no report",
+    )
     parser.add_argument("--w4-child", help=argparse.SUPPRESS)
+    parser.add_argument("--w6-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.w4_child:
         w4_child(args.w4_child)
         return
+    if args.w6_child:
+        w6_child(args.w6_child, args.seed)
+        return
     if args.quick:
         args.rounds, args.warmup, args.w2_repeats, args.w4_rounds = 5, 1, 4, 1
+        args.w6_samples = 60
+    if args.only:
+        args.workloads = args.only
 
     def log(message: str) -> None:
         now = datetime.now(timezone.utc)
@@ -968,12 +1125,11 @@ def main() -> None:
     log("creating the database")
     django_setup()
     create_database()
-    if {"W1", "W2", "W3", "W4"} & set(args.workloads):
+    if {"W1", "W2", "W3", "W4"} & set(args.workloads) and not args.only:
         log("starting D (django-async-backend)")
         d = DProcess(args.d_python)
     else:
-        d = DProcess.__new__(DProcess)
-        d.error, d.versions, d.proc = "not needed for these workloads", {}, None
+        d = DProcess(args.d_python, skip="not needed for these workloads")
     if d.error:
         log(f"D cannot run: {d.error}")
     info = machine()
@@ -981,6 +1137,9 @@ def main() -> None:
         results = measure(args, d, log)
     finally:
         d.close()
+    if args.only:
+        print(only_report(results, args.only))
+        return
     if not FULL_REPORT <= set(args.workloads):
         print(partial_report(results, args))
         return

@@ -21,4 +21,5 @@ DATABASES = {
         "OPTIONS": {"application_name": os.environ.get("BENCH_APP_NAME", "bench")},
     }
 }
-ASYNCHRORMOUS = {"WORKERS": WORKERS}
+# W6 runs its child processes with fewer workers (BENCH_WORKERS).
+ASYNCHRORMOUS = {"WORKERS": int(os.environ.get("BENCH_WORKERS", WORKERS))}

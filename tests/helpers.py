@@ -29,6 +29,15 @@ def thread_of(backend_id):
     return BACKEND_THREADS.get(backend_id)
 
 
+def ran_in_background(job):
+    """Whether a ``job_finished`` report is of a background run: on a worker, or on
+    the test's thread, which used the result before any worker had picked it up
+    (caller-runs). Use ``wait()`` first to have a worker run it."""
+    return job["thread"].startswith("asynchrormous-") or (
+        job["thread"] == threading.current_thread().name
+    )
+
+
 BUSY_SQL = {
     # A statement that runs until cancelled and fails when it is.
     "postgresql": "pg_sleep(60) IS NULL",

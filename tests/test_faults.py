@@ -5,7 +5,7 @@ import time
 import pytest
 from django.db import connection
 
-from asynchrormous import resolve
+from asynchrormous import resolve, wait
 from tests.helpers import backend_id_expr
 from tests.testapp.models import Book
 
@@ -39,7 +39,9 @@ def end_session(session):
 
 
 def worker_session():
-    (row,) = Book.objects.annotate(where=backend_id_expr()).run_async()[:1]
+    started = Book.objects.annotate(where=backend_id_expr()).run_async()[:1]
+    wait(started)  # on the worker: wait() never runs a job on the caller's session
+    (row,) = started
     return row.where
 
 

@@ -10,7 +10,7 @@ from django.db import connection, connections, transaction
 from django.db.models import Prefetch
 
 import asynchrormous
-from asynchrormous import resolve
+from asynchrormous import resolve, wait
 from asynchrormous.results import submit
 from asynchrormous.signals import job_finished
 from tests.helpers import (
@@ -40,7 +40,9 @@ SLEEP = 0.3
 def where(qs=None):
     """The database session that ran a background fetch of ``qs``."""
     qs = Book.objects.all() if qs is None else qs
-    (row,) = qs.annotate(where=backend_id_expr()).run_async()[:1]
+    started = qs.annotate(where=backend_id_expr()).run_async()[:1]
+    wait(started)  # on a worker: wait() never runs a job on the caller
+    (row,) = started
     return row.where
 
 
@@ -259,7 +261,9 @@ def test_instrumentation_leaves_wrappers_that_a_job_adds(books, settings, jobs):
     settings.ASYNCHRORMOUS = {"WORKERS": 1}
     connection_created.connect(add_marker, weak=False)
     try:
-        assert Book.objects.run_async().count() == 6  # the worker connects in the job
+        n = Book.objects.run_async().count()
+        wait(n)  # on the worker, which connects in the job
+        assert n == 6
     finally:
         connection_created.disconnect(add_marker)
     left = submit(
@@ -267,7 +271,7 @@ def test_instrumentation_leaves_wrappers_that_a_job_adds(books, settings, jobs):
         alias="default",
         writes=False,
         description="wrappers",
-    ).result()
+    ).result(10)  # a wait with a timeout never runs the job on the caller
     assert [w for w in left if w is marker] == [marker]
     # Only the recorder of the job that is running now, none left over.
     assert len([w for w in left if getattr(w, "__name__", "") == "record"]) == 1

@@ -14,7 +14,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from asynchrormous import is_ready, resolve, wait
-from tests.helpers import occupy_a_worker
+from tests.helpers import occupy_a_worker, ran_in_background
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -73,7 +73,7 @@ def test_update_on_a_started_unconsumed_queryset_then_iterating_sees_the_update(
     assert resolve(updated) == 6
     assert [b.pages for b in qs] == [2] * 6
     assert [b.sheets for b in qs] == [1] * 6
-    assert all(job["thread"].startswith("asynchrormous-") for job in jobs)
+    assert all(ran_in_background(job) for job in jobs)
 
 
 def test_delete_on_a_started_unconsumed_queryset_then_count_and_rows_are_empty(
@@ -129,7 +129,7 @@ def test_get_or_create_on_a_queryset_with_a_filled_cache_keeps_the_cache(books, 
     assert len(caller) == 0
     # The fetch and get_or_create(), each on a worker; no second fetch.
     assert len(jobs) == 2
-    assert all(job["thread"].startswith("asynchrormous-") for job in jobs)
+    assert all(ran_in_background(job) for job in jobs)
 
 
 def test_bulk_create_on_a_queryset_with_a_filled_cache_keeps_the_cache(books, jobs):
@@ -150,7 +150,7 @@ def test_bulk_create_on_a_queryset_with_a_filled_cache_keeps_the_cache(books, jo
         assert qs.count() == 7
     assert len(caller) == 0
     assert len(jobs) == 2
-    assert all(job["thread"].startswith("asynchrormous-") for job in jobs)
+    assert all(ran_in_background(job) for job in jobs)
     assert Book.objects.count() == 9
 
 
@@ -177,7 +177,7 @@ def test_a_related_manager_after_prefetch_related_answers_from_the_prefetch(
     assert jobs == []
     # A new query on the related manager (a filter) runs in the background.
     assert resolve(author.books.run_async().filter(pages__gte=130).count()) == 2
-    assert len(jobs) == 1 and jobs[0]["thread"].startswith("asynchrormous-")
+    assert len(jobs) == 1 and ran_in_background(jobs[0])
 
 
 def test_a_related_manager_without_prefetch_runs_in_the_background(books, jobs):
@@ -187,4 +187,4 @@ def test_a_related_manager_without_prefetch_runs_in_the_background(books, jobs):
     assert sorted(b.title for b in qs) == ["Book 1", "Book 3", "Book 5"]
     assert resolve(author.books.run_async().count()) == 3
     assert len(jobs) == 2
-    assert all(job["thread"].startswith("asynchrormous-") for job in jobs)
+    assert all(ran_in_background(job) for job in jobs)
