@@ -99,6 +99,18 @@ except ImportError:  # older asgiref: a Local is a plain contextvar
     _Storage = None  # type: ignore[assignment,misc]
 
 
+def _own_locals(context: contextvars.Context) -> None:
+    """Give a job's context its own copy of the caller's asgiref ``Local`` values.
+
+    Before 3.12 a Local keeps one dict per context and changes it in place, so a
+    context copied inside ``timezone.override()`` lost the value when the block
+    ended, before the job ran.
+    """
+    for var, value in context.items():
+        if var.name == "asgiref.local" and type(value) is dict:
+            context.run(var.set, dict(value))
+
+
 def _adopt_locals(context: contextvars.Context) -> None:
     """Make the caller's asgiref ``Local`` values (active time zone, language) ours.
 
@@ -142,6 +154,8 @@ class WorkItem:
         self.description = description
         # The job sees the submitter's contextvars (tenant ids, logging context).
         self.context = contextvars.copy_context()
+        if _Storage is None:
+            _own_locals(self.context)
         self.claimed = False
         self.pid = _pid
 

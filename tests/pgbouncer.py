@@ -203,6 +203,9 @@ SESSIONS = (
 )
 NOT_BEHIND_PGBOUNCER = {
     "tests/test_faults.py::": KILLS,
+    "tests/test_prefetch_concurrency.py::test_lookups_run_side_by_side_on_their_": (
+        SESSIONS
+    ),
     "tests/test_replay_hostile.py::test_a_read_retried_on_a_replaced_connection_": (
         KILLS
     ),

@@ -7,6 +7,7 @@ pending writes.
 """
 
 import datetime
+import threading
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -16,6 +17,7 @@ from django.utils import timezone, translation
 
 from asynchrormous import resolve
 from asynchrormous.results import submit
+from tests.helpers import occupy_a_worker
 from tests.regression_helpers import slow_same
 from tests.testapp.models import Book
 
@@ -86,3 +88,22 @@ def test_an_async_helper_reads_the_sync_callers_pending_update(books):
         return got.title, first.title
 
     assert async_to_sync(helper)() == ("new", "new")
+
+
+def test_a_job_run_after_the_override_ended_still_sees_it(db, settings):
+    """asgiref before 3.12 keeps a Local's values in one dict per context and changes
+    it in place: the job's copy of the context lost the time zone and the language
+    when the caller's override() ended, if no worker had run the job by then."""
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 10.0}
+    release = threading.Event()
+    occupy_a_worker(release)
+
+    def seen():
+        return timezone.get_current_timezone_name(), translation.get_language()
+
+    with timezone.override("Asia/Tokyo"), translation.override("fr"):
+        job = submit(seen, alias="default", writes=False, description="seen")
+    release.set()
+    # An explicit timeout: the worker runs it, after the override() ended.
+    assert job.result(10) == ("Asia/Tokyo", "fr")
+    assert timezone.get_current_timezone_name() != "Asia/Tokyo"
