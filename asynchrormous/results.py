@@ -227,7 +227,8 @@ def _may_run_here(
 
     Not on an event loop's thread (a query would block the loop); only on a
     connection the thread already holds, outside a transaction (the job is not
-    part of it), so a caller never opens a connection of its own for this; and
+    part of it), so a caller never opens a connection of its own for this; not on
+    one it shares with another thread, nor on one the server has ended; and
     only once the caller's earlier jobs that it comes after are done, so writes
     keep their order.
     """
@@ -236,6 +237,8 @@ def _may_run_here(
     conn = connections[alias]
     if conn.connection is None or conn.in_atomic_block or not conn.autocommit:
         return False
+    if conn.allow_thread_sharing:
+        return False  # shared (LiveServerTestCase): another thread may be using it
     if not after or all(f.done() for f in after):
         # Not on a connection the server ended while it sat idle: a worker notices
         # that before its job, and a write must not fail for it.

@@ -13,6 +13,7 @@ import time
 import pytest
 from django.db import connection, transaction
 from django.db.models import F
+from django.db.models.expressions import RawSQL
 from django.test.utils import CaptureQueriesContext
 
 import asynchrormous
@@ -317,3 +318,84 @@ def test_shutdown_while_the_caller_runs_a_write_it_took_over(books, busy_pool, c
     assert not stopper.is_alive()
     assert Book.objects.get(pk=books[0].pk).pages == 55
     assert "dropped" not in caplog.text
+
+
+SESSION_SQL = {
+    "postgresql": (
+        "SELECT set_config('myapp.tenant', 'acme', false)",
+        "current_setting('myapp.tenant', true)",
+    ),
+    "mysql": ("SET @tenant = 'acme'", "@tenant"),
+}
+
+
+@pytest.mark.skipif(connection.vendor == "sqlite", reason="no session variables")
+@pytest.mark.xfail(
+    strict=True,
+    reason="a job the caller takes over sees the caller's session state (a "
+    "set_config()/SET @var, RLS tenant, search_path, role), a worker-run one does "
+    "not: the same background query answers differently by timing",
+)
+def test_a_jobs_answer_does_not_depend_on_the_callers_session_state(books, busy_pool):
+    set_it, read_it = SESSION_SQL[connection.vendor]
+    with connection.cursor() as cursor:
+        cursor.execute(set_it)  # e.g. a tenant for row-level security
+    tenant = RawSQL(read_it, [])
+    busy_pool.set()
+    on_worker = Book.objects.annotate(t=tenant).order_by("pk")[:1]
+    wait(on_worker)  # a worker runs it
+    blocker_release = threading.Event()
+    occupy_a_worker(blocker_release)
+    try:
+        here_ = Book.objects.annotate(t=tenant).order_by("pk").run_async()[:1]
+        taken_over = [b.t for b in here_]  # no worker free: run on the caller
+    finally:
+        blocker_release.set()
+    assert taken_over == [b.t for b in on_worker]
+
+
+def test_a_prefetching_fetch_the_caller_takes_over_matches_plain_django(
+    books, busy_pool, jobs
+):
+    from tests.testapp.models import Tag
+
+    tag = Tag.objects.create(name="t")
+    tag.books.add(books[0], books[3])
+    caller_backend_id()
+
+    def shape(rows):
+        return [
+            (
+                b.title,
+                sorted(t.name for t in b.tags.all()),
+                sorted(x.title for x in b.author.books.all()),
+            )
+            for b in rows
+        ]
+
+    plain = list(Book.objects.order_by("pk").prefetch_related("tags", "author__books"))
+    qs = Book.objects.order_by("pk").prefetch_related("tags", "author__books").start()
+    with CaptureQueriesContext(connection) as caller:
+        rows = list(qs)  # the only worker is busy: run here
+        result = shape(rows)  # from the prefetch caches: no query
+    assert result == shape(plain)
+    assert len(caller) == 0
+    assert [j["thread"] for j in jobs] == [here().name]
+    assert not busy_pool.is_set()
+
+
+def test_a_connection_shared_with_another_thread_is_not_used_for_caller_runs(
+    books, busy_pool, jobs
+):
+    """LiveServerTestCase shares the test thread's connection with the server's
+    thread: a job run on it would race that thread's statements (and, while it
+    runs, swap the connection's wrappers under it). A worker runs it instead."""
+    caller_backend_id()
+    connection.inc_thread_sharing()
+    try:
+        n = Book.objects.run_async().count()
+        release_later(busy_pool)
+        assert n == 6
+    finally:
+        connection.dec_thread_sharing()
+    assert jobs[0]["thread"].startswith("asynchrormous-")
