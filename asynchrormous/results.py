@@ -176,7 +176,13 @@ class Job:
         a job runs once, on a worker or here, never on both.
         """
         work = self.work
-        if work is None or work.claimed or not _may_run_here(self.alias, self.after):
+        if work is None or work.claimed:
+            return False
+        if self.after and self.alias is not None:
+            # The caller's own earlier jobs this one comes after: run those no
+            # worker has picked up here first, in order, rather than wait for them.
+            _run_own_jobs_here(self.alias, self.after)
+        if not _may_run_here(self.alias, self.after):
             return False
         self.work = None
         with _as_on_a_worker(self.alias):

@@ -196,6 +196,22 @@ def test_a_plain_read_runs_the_queued_read_its_queued_write_comes_after(
     assert not short_timeout_busy_pool.is_set()
 
 
+def test_a_result_after_the_callers_queued_write_runs_the_write_here_first(
+    books, short_timeout_busy_pool, jobs
+):
+    """resolve() of a read queued after the caller's own queued write waited for a
+    busy worker (ResultTimeout after TIMEOUT), though both are the caller's and
+    could run here, in order, as the barrier of a plain query runs them. A dry run
+    resolving a lazy argument (get_or_create(author=lazy)) hits the same wait."""
+    caller_backend_id()
+    qs = Book.objects.run_async()
+    qs.filter(pk=books[0].pk).update(pages=5)
+    n = qs.filter(pages=5).count()
+    assert resolve(n) == 1  # plain Django: 1, at once
+    assert [j["thread"] for j in jobs] == [here().name] * 2
+    assert not short_timeout_busy_pool.is_set()
+
+
 # -- Guards ----------------------------------------------------------------------------
 
 
@@ -399,3 +415,23 @@ def test_a_connection_shared_with_another_thread_is_not_used_for_caller_runs(
     finally:
         connection.dec_thread_sharing()
     assert jobs[0]["thread"].startswith("asynchrormous-")
+
+
+def test_a_lazy_instance_used_by_another_background_call_is_taken_over_first(
+    books, busy_pool
+):
+    """The caller checks a background call up to its first statement (a dry run
+    that records it); a queued create() it needs as an argument must be taken
+    over as itself, not recorded as that call's statement."""
+    from tests.testapp.models import Author
+
+    caller_backend_id()
+    author = Author.objects.run_async().create(name="New")
+    updated = Book.objects.run_async().filter(pk=books[0].pk).update(author=author)
+    other = Author.objects.run_async().create(name="Other")
+    made = Book.objects.run_async().get_or_create(title="T", author=other)
+    assert updated == 1
+    book, created = resolve(made)
+    assert created and book.author.name == "Other"
+    assert Book.objects.get(pk=books[0].pk).author.name == "New"
+    assert Author.objects.filter(name__in=["New", "Other"]).count() == 2
