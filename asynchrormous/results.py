@@ -10,6 +10,7 @@ outcome lives in a ``concurrent.futures.Future`` and surfaces where it is first 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -29,7 +30,7 @@ from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
-from .pool import PoolClosed, WorkItem, get_pool, in_job
+from .pool import PoolClosed, WorkItem, _ended_by_server, get_pool, in_job
 from .signals import instrumented, job_finished
 
 __all__ = [
@@ -175,10 +176,17 @@ class Job:
         a job runs once, on a worker or here, never on both.
         """
         work = self.work
-        if work is None or work.claimed or not _may_run_here(self.alias, self.after):
+        if work is None or work.claimed:
+            return False
+        if self.after and self.alias is not None:
+            # The caller's own earlier jobs this one comes after: run those no
+            # worker has picked up here first, in order, rather than wait for them.
+            _run_own_jobs_here(self.alias, self.after)
+        if not _may_run_here(self.alias, self.after):
             return False
         self.work = None
-        return work.run_here()
+        with _as_on_a_worker(self.alias):
+            return work.run_here()
 
     def __repr__(self) -> str:
         state = self.future._state.lower()  # PENDING, RUNNING, FINISHED, CANCELLED…
@@ -225,7 +233,8 @@ def _may_run_here(
 
     Not on an event loop's thread (a query would block the loop); only on a
     connection the thread already holds, outside a transaction (the job is not
-    part of it), so a caller never opens a connection of its own for this; and
+    part of it), so a caller never opens a connection of its own for this; not on
+    one it shares with another thread, nor on one the server has ended; and
     only once the caller's earlier jobs that it comes after are done, so writes
     keep their order.
     """
@@ -234,14 +243,26 @@ def _may_run_here(
     conn = connections[alias]
     if conn.connection is None or conn.in_atomic_block or not conn.autocommit:
         return False
-    return not after or all(f.done() for f in after)
+    if conn.allow_thread_sharing:
+        return False  # shared (LiveServerTestCase): another thread may be using it
+    if not after or all(f.done() for f in after):
+        # Not on a connection the server ended while it sat idle: a worker notices
+        # that before its job, and a write must not fail for it.
+        return not _ended_by_server(conn.connection)
+    return False
 
 
 def _run_own_jobs_here(
     alias: str, futures: list[concurrent.futures.Future[Any]]
 ) -> None:
     """Before a caller's plain query waits for its own pending jobs, run those no
-    worker has picked up yet here, each once the jobs it comes after are done."""
+    worker has picked up yet here, each once the jobs it comes after are done.
+
+    The jobs those come after are the caller's own too (a write after a queued
+    read): they run here first, in order, rather than leave the query waiting for
+    a worker.
+    """
+    futures = _with_prerequisites(futures)
     progress = True
     while progress:
         progress = False
@@ -252,9 +273,45 @@ def _run_own_jobs_here(
                 work is not None
                 and not work.claimed
                 and _may_run_here(alias, getattr(future, "after", None))
-                and work.run_here()
             ):
-                progress = True
+                with _as_on_a_worker(alias):
+                    progress = work.run_here() or progress
+
+
+@contextlib.contextmanager
+def _as_on_a_worker(alias: str | None) -> Any:
+    """While the caller runs a job on its connection, the job's statements are not
+    the caller's: its ``execute_wrapper()`` blocks (a query blocker, a counter) and
+    its captured queries (``assertNumQueries``, ``connection.queries``) see none of
+    them, as when a worker runs the job. Whoever runs a job, it behaves the same.
+    """
+    if alias is None or alias not in connections.settings:
+        yield
+        return
+    conn = connections[alias]
+    state = (conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log)
+    conn.execute_wrappers = []
+    conn.force_debug_cursor = False
+    conn.queries_log = collections.deque(maxlen=conn.queries_log.maxlen)
+    try:
+        yield
+    finally:
+        conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log = state
+
+
+def _with_prerequisites(
+    futures: list[concurrent.futures.Future[Any]],
+) -> list[concurrent.futures.Future[Any]]:
+    """``futures`` and, transitively, the not yet done jobs each comes after."""
+    found: dict[int, concurrent.futures.Future[Any]] = {}
+    stack = list(futures)
+    while stack:
+        future = stack.pop()
+        if id(future) in found or future.done():
+            continue
+        found[id(future)] = future
+        stack.extend(getattr(future, "after", None) or ())
+    return list(found.values())
 
 
 def _finished_job(value: Any, description: str) -> Job:
