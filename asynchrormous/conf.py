@@ -22,6 +22,10 @@ DEFAULTS: dict[str, Any] = {
     "CONNECTION_MAX_AGE": 300.0,
     # Seconds without a job after which a worker closes its connections.
     "CONNECTION_IDLE_TIMEOUT": 60.0,
+    # Whether a sync caller runs a job no worker has picked up yet itself, rather
+    # than wait for one (README: "the caller runs it"). Off: TIMEOUT then no longer
+    # bounds that wait, and the job sees the caller's session state.
+    "CALLER_RUNS": False,
 }
 
 # Check ids, one per key, so a system check can name exactly what is wrong.
@@ -32,6 +36,7 @@ CHECK_IDS = {
     "TIMEOUT": "asynchrormous.E004",
     "CONNECTION_MAX_AGE": "asynchrormous.E005",
     "CONNECTION_IDLE_TIMEOUT": "asynchrormous.E006",
+    "CALLER_RUNS": "asynchrormous.E008",
 }
 
 
@@ -41,6 +46,7 @@ class Settings:
     timeout: float | None
     connection_max_age: float | None
     connection_idle_timeout: float
+    caller_runs: bool
 
 
 def _is_seconds(value: object, *, allow_none: bool) -> bool:
@@ -91,6 +97,15 @@ def setting_errors() -> list[tuple[str, str]]:
                     f"ASYNCHRORMOUS[{key!r}] must be {expected}, not {value!r}.",
                 )
             )
+    caller_runs = raw.get("CALLER_RUNS", DEFAULTS["CALLER_RUNS"])
+    if not isinstance(caller_runs, bool):
+        errors.append(
+            (
+                CHECK_IDS["CALLER_RUNS"],
+                f"ASYNCHRORMOUS['CALLER_RUNS'] must be True or False, "
+                f"not {caller_runs!r}.",
+            )
+        )
     return errors
 
 
@@ -110,6 +125,7 @@ def get_settings() -> Settings:
             timeout=merged["TIMEOUT"],
             connection_max_age=merged["CONNECTION_MAX_AGE"],
             connection_idle_timeout=merged["CONNECTION_IDLE_TIMEOUT"],
+            caller_runs=merged["CALLER_RUNS"],
         )
     return _cached
 

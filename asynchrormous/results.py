@@ -176,7 +176,7 @@ class Job:
         a job runs once, on a worker or here, never on both.
         """
         work = self.work
-        if work is None or work.claimed:
+        if work is None or work.claimed or not get_settings().caller_runs:
             return False
         if self.after and self.alias is not None:
             # The caller's own earlier jobs this one comes after: run those no
@@ -262,6 +262,8 @@ def _run_own_jobs_here(
     read): they run here first, in order, rather than leave the query waiting for
     a worker.
     """
+    if not get_settings().caller_runs:
+        return
     futures = _with_prerequisites(futures)
     progress = True
     while progress:
@@ -564,8 +566,13 @@ class _Barrier:
             _run_own_jobs_here(self.alias, pending)
             what = f"the pending background jobs on {self.alias!r}"
             _wait_all(pending, DEFAULT, what)
-        mine = _callers_pending() is self.owner or self.owner.pid != os.getpid()
-        if mine and not prerequisites(self.alias, writes=True):
+        owner = self.owner
+        if owner.pid != os.getpid():
+            owner = _callers_pending()  # a forked child's: the parent's jobs are not
+        # Its caller's (or another context's of this thread, once that is over):
+        # a thread sharing the connection must not remove it under its caller.
+        mine = _callers_pending() is owner or owner.owner is threading.current_thread()
+        if mine and not _prerequisites(owner, self.alias, True):
             wrappers = connections[self.alias].execute_wrappers
             if self in wrappers:
                 wrappers.remove(self)

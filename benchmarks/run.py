@@ -539,7 +539,7 @@ def run_w6(samples: int, seed: int) -> dict[str, Any]:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "BENCH_WORKERS": str(W6_WORKERS)},
+        env={**os.environ, "BENCH_WORKERS": str(W6_WORKERS), "BENCH_CALLER_RUNS": "1"},
     )
     if done.returncode:
         raise RuntimeError(f"W6 child failed:\n{done.stderr[-3000:]}")
@@ -936,7 +936,8 @@ def write_report(
             "",
             f"## {TITLES['W6']}",
             "",
-            f"A fresh process with `WORKERS = {W6_WORKERS}`: {W6_CALLERS} threads run "
+            f"A fresh process with `WORKERS = {W6_WORKERS}` and `CALLER_RUNS = True`: "
+            f"{W6_CALLERS} threads run "
             "W4's batch through asynchrormous in a loop while one more thread times",
             "one primary-key lookup, the contenders interleaved in random order. "
             "`start()` waits by running a job no worker has picked up itself; an",

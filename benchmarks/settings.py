@@ -21,5 +21,9 @@ DATABASES = {
         "OPTIONS": {"application_name": os.environ.get("BENCH_APP_NAME", "bench")},
     }
 }
-# W6 runs its child processes with fewer workers (BENCH_WORKERS).
-ASYNCHRORMOUS = {"WORKERS": int(os.environ.get("BENCH_WORKERS", WORKERS))}
+# W6 runs its child processes with fewer workers (BENCH_WORKERS), and with the
+# caller running jobs no worker has picked up (BENCH_CALLER_RUNS, off by default).
+ASYNCHRORMOUS = {
+    "WORKERS": int(os.environ.get("BENCH_WORKERS", WORKERS)),
+    "CALLER_RUNS": os.environ.get("BENCH_CALLER_RUNS") == "1",
+}

@@ -34,7 +34,7 @@ here = threading.current_thread
 @pytest.fixture
 def busy_pool(settings):
     """WORKERS=1 and that worker held until ``release`` is set (bounded)."""
-    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0}
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0, "CALLER_RUNS": True}
     release = threading.Event()
     blocker = occupy_a_worker(release)
     yield release
@@ -62,8 +62,22 @@ def test_a_result_used_right_after_it_was_started_runs_on_the_callers_thread(
     assert not busy_pool.is_set()  # the worker was busy all along
 
 
-def test_a_job_a_worker_is_running_is_waited_for_not_run_again(books, settings):
+def test_by_default_the_caller_waits_for_a_worker(books, settings):
+    """CALLER_RUNS is off by default: a job the caller ran itself could outlast
+    TIMEOUT (it cannot go on after the wait gives up), and would see the caller's
+    session state (tests/test_caller_runs_hostile.py)."""
     settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0}
+    caller_backend_id()  # the caller holds a connection it could run the job on
+    release = threading.Event()
+    blocker = occupy_a_worker(release)
+    job = submit(lambda: here().name, alias="default", writes=False, description="w")
+    release_later(release)  # whenever it comes, the worker runs the job after it
+    assert job.result().startswith("asynchrormous-")
+    assert blocker.result() is True
+
+
+def test_a_job_a_worker_is_running_is_waited_for_not_run_again(books, settings):
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0, "CALLER_RUNS": True}
     caller_backend_id()  # the caller holds a connection it could run the job on
     started, go = threading.Event(), threading.Event()
     runs = []

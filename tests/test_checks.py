@@ -30,6 +30,7 @@ def test_valid_settings_pass():
         ({"TIMEOUT": -1}, "asynchrormous.E004", "seconds > 0 or None, not -1"),
         ({"CONNECTION_MAX_AGE": "1h"}, "asynchrormous.E005", "not '1h'"),
         ({"CONNECTION_IDLE_TIMEOUT": None}, "asynchrormous.E006", "> 0, not None"),
+        ({"CALLER_RUNS": "yes"}, "asynchrormous.E008", "True or False, not 'yes'"),
     ],
 )
 def test_invalid_settings_are_system_check_errors_and_improperly_configured(
