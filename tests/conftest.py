@@ -36,6 +36,20 @@ def jobs():
 
 
 @pytest.fixture
+def busy_pool(settings):
+    """CALLER_RUNS on, WORKERS=1, and that worker held until ``release`` is set
+    (bounded): a job the test submits is queued, for its caller to take over."""
+    from tests.helpers import occupy_a_worker
+
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0, "CALLER_RUNS": True}
+    release = threading.Event()
+    blocker = occupy_a_worker(release)
+    yield release
+    release.set()
+    assert blocker.result() is True
+
+
+@pytest.fixture
 def books(db):
     a1 = Author.objects.create(name="Ann")
     a2 = Author.objects.create(name="Bob")

@@ -4,7 +4,7 @@ import os
 import threading
 
 import pytest
-from django.db import connection
+from django.db import connection, models
 from django.db.models.expressions import RawSQL
 
 from tests.testapp.apps import BACKEND_ID_SQL, BACKEND_THREADS, SLEEP_SQL
@@ -85,3 +85,15 @@ def occupy_a_worker(release, timeout=10):
     thread.join(timeout)
     (job,) = jobs
     return job
+
+
+class Counted(models.Func):
+    """A custom expression whose as_sql() counts its runs (user-visible code)."""
+
+    function = ""
+    template = "(%(expressions)s)"
+    runs = 0
+
+    def as_sql(self, compiler, connection, **extra):
+        type(self).runs += 1
+        return super().as_sql(compiler, connection, **extra)

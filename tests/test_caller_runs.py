@@ -31,17 +31,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 here = threading.current_thread
 
 
-@pytest.fixture
-def busy_pool(settings):
-    """WORKERS=1 and that worker held until ``release`` is set (bounded)."""
-    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0, "CALLER_RUNS": True}
-    release = threading.Event()
-    blocker = occupy_a_worker(release)
-    yield release
-    release.set()
-    assert blocker.result() is True
-
-
 def release_later(release, seconds=0.3):
     timer = threading.Timer(seconds, release.set)
     timer.start()

@@ -27,17 +27,6 @@ here = threading.current_thread
 
 
 @pytest.fixture
-def busy_pool(settings):
-    """WORKERS=1, TIMEOUT=30, that worker held until ``release`` is set (bounded)."""
-    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0, "CALLER_RUNS": True}
-    release = threading.Event()
-    blocker = occupy_a_worker(release)
-    yield release
-    release.set()
-    assert blocker.result() is True
-
-
-@pytest.fixture
 def short_timeout_busy_pool(settings):
     """WORKERS=1, TIMEOUT=1, the worker held until ``release`` (at most 6 s)."""
     settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 1.0, "CALLER_RUNS": True}

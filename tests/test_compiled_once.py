@@ -13,21 +13,10 @@ from django.db import models, transaction
 from django.db.models import F, Sum
 
 from asynchrormous import resolve
+from tests.helpers import Counted
 from tests.testapp.models import Book, Memo, Note, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class Counted(models.Func):
-    """A custom expression whose as_sql() counts its runs (user-visible code)."""
-
-    function = ""
-    template = "(%(expressions)s)"
-    runs = 0
-
-    def as_sql(self, compiler, connection, **extra):
-        type(self).runs += 1
-        return super().as_sql(compiler, connection, **extra)
 
 
 def counted(field="pages"):

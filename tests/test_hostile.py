@@ -8,7 +8,7 @@ from django.db import models
 import asynchrormous
 from asynchrormous import AsyncQuerySetMixin, resolve
 from asynchrormous.results import submit
-from tests.helpers import occupy_a_worker
+from tests.helpers import Counted, occupy_a_worker
 from tests.testapp.models import Author, Book, Document, Publisher
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -433,18 +433,6 @@ def test_background_create_is_routed_with_db_for_write_as_in_django(books, setti
 
 
 # -- User code in compilation runs twice -------------------------------------------
-
-
-class Counted(models.Func):
-    """A custom expression whose as_sql() counts its runs (user-visible code)."""
-
-    function = ""
-    template = "(%(expressions)s)"
-    runs = 0
-
-    def as_sql(self, compiler, connection, **extra):
-        type(self).runs += 1
-        return super().as_sql(compiler, connection, **extra)
 
 
 # Fetches and terminals send the SQL the caller compiled (tests/test_compiled_once.py

@@ -18,7 +18,7 @@ from django.db.models import Count, Exists, F, OuterRef, Q, Subquery, Sum
 from django.db.models.signals import post_delete, pre_delete
 
 from asynchrormous import resolve
-from tests.helpers import occupy_a_worker
+from tests.helpers import Counted, occupy_a_worker
 from tests.testapp.models import (
     Author,
     Book,
@@ -43,18 +43,6 @@ def one_busy_worker(settings):
     yield release
     release.set()
     assert blocker.result() is True
-
-
-class Counted(models.Func):
-    """A custom expression whose as_sql() counts its runs (user-visible code)."""
-
-    function = ""
-    template = "(%(expressions)s)"
-    runs = 0
-
-    def as_sql(self, compiler, connection, **extra):
-        type(self).runs += 1
-        return super().as_sql(compiler, connection, **extra)
 
 
 def rolled_back(fn):
