@@ -203,6 +203,13 @@ SESSIONS = (
 )
 NOT_BEHIND_PGBOUNCER = {
     "tests/test_faults.py::": KILLS,
+    "tests/test_caller_runs_hostile.py::test_a_write_is_not_run_on_the_callers_": (
+        KILLS
+    ),
+    "tests/test_caller_runs_hostile.py::test_a_jobs_answer_does_not_depend_on_": (
+        "session variables belong to PgBouncer's server sessions, lent per "
+        "transaction: the caller's own are not kept between its statements"
+    ),
     "tests/test_prefetch_concurrency.py::test_lookups_run_side_by_side_on_their_": (
         SESSIONS
     ),
