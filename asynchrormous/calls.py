@@ -142,10 +142,11 @@ class _Numbering:
 class Recording(_Numbering):
     """A dry run's first statement, compiled once on the caller.
 
-    Up to its first statement a method's path depends on its arguments alone, so
+    Up to its first statement a method's path depends mostly on its arguments, so
     the worker's run of the same method reaches the same statement with the same
     number, where ``replaying`` hands it this compilation (and the compiler's
-    state) instead of compiling again.
+    state) instead of compiling again. ``query`` is that statement's query as it
+    was before compiling: the worker replays only for an equal one (``_same``).
     """
 
     def __init__(self, alias: str) -> None:
