@@ -25,7 +25,7 @@ from .results import (
     submit,
     track_pending,
 )
-from .signals import instrumented, job_finished
+from .signals import instrumented
 
 __all__ = ["on_callers_sync_thread", "run", "stream", "sync_to_async"]
 
@@ -48,8 +48,7 @@ async def run(
 ) -> Any:
     """Run ``fn(*args)`` on the pool and await its value."""
     if await on_callers_sync_thread(alias):
-        if job_finished.receivers:
-            fn = instrumented(fn, alias, description, inline=True)
+        fn = instrumented(fn, alias, description, inline=True)
         return await sync_to_async(fn, thread_sensitive=True)(*args)
     job = submit(fn, *args, alias=alias, writes=writes, description=description)
     return await await_job(job)
@@ -96,9 +95,7 @@ async def stream(
                 close()
 
     def fetch(fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        if job_finished.receivers:
-            fn = instrumented(fn, alias, description, inline=False)
-        return pin.submit(fn)
+        return pin.submit(instrumented(fn, alias, description, inline=False))
 
     ahead: concurrent.futures.Future[Any] | None = fetch(first)
     try:

@@ -35,7 +35,7 @@ from django.db.models.query import Prefetch
 from .conf import get_settings
 from .pins import pins
 from .pool import PoolClosed, get_pool, in_worker, read_with_reconnect
-from .signals import instrumented, job_finished
+from .signals import instrumented
 
 __all__ = ["fetching", "prefetch_related_objects"]
 
@@ -296,9 +296,7 @@ class _Run:
         for obj in (step.first, *step.instances):
             obj._state.fields_cache  # noqa: B018
         self.steps[step.path] = step
-        fn: Callable[..., Any] = step.call
-        if job_finished.has_listeners():
-            fn = instrumented(fn, self.alias, f"prefetch of {step.path!r}", False)
+        fn = instrumented(step.call, self.alias, f"prefetch of {step.path!r}", False)
         try:
             step.future = (
                 get_pool()

@@ -31,7 +31,7 @@ from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
 from .pool import PoolClosed, WorkItem, _ended_by_server, get_pool, in_job
-from .signals import instrumented, job_finished
+from .signals import instrumented
 
 __all__ = [
     "Job",
@@ -634,9 +634,7 @@ def submit(
     """
     future: concurrent.futures.Future[Any]
     inline = must_run_inline(alias)
-    # A plain list: with no receivers, jobs are not instrumented at all.
-    if job_finished.receivers:
-        fn = instrumented(fn, alias, description, inline)
+    fn = instrumented(fn, alias, description, inline)
     if inline:
         future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
