@@ -223,3 +223,31 @@ class Sampler:
 def error_counts(errors: Iterable[BaseException]) -> dict[str, int]:
     """Errors by type name, for the figures."""
     return dict(Counter(type(e).__name__ for e in errors))
+
+
+#: Seconds any one wait of the fault scenarios may take (a restart takes 1-3 s).
+TIMEOUT = 20.0
+
+
+def from_another_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` called by a new thread: a caller of its own, so its background writes
+    do not wait for this thread's reads (as they would for one caller)."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join(TIMEOUT)
+    assert out, "the thread failed or did not finish"
+    return out[0]
+
+
+def outcome(result: Any) -> Any:
+    """The value, or the clear error the caller would see; never more than
+    TIMEOUT."""
+    from django.db import InterfaceError, OperationalError
+
+    from asynchrormous import resolve
+
+    try:
+        return resolve(result, timeout=TIMEOUT)
+    except (OperationalError, InterfaceError) as exc:
+        return exc

@@ -31,6 +31,7 @@ from asynchrormous import resolve
 from asynchrormous.pool import _ended_by_server
 from asynchrormous.results import job_of, submit
 from tests.reliability.conftest import scaled
+from tests.reliability.probes import TIMEOUT, from_another_thread, outcome
 from tests.testapp.apps import BACKEND_ID_SQL, BACKEND_THREADS
 from tests.testapp.models import Author, Book
 
@@ -40,7 +41,6 @@ pytestmark = [
 ]
 
 WORKERS = 4
-TIMEOUT = 20.0  # seconds any one wait may take
 
 KILL_SQL = {"postgresql": "SELECT pg_terminate_backend(%s)", "mysql": "KILL %s"}
 # The sessions of this test database other than the test's own.
@@ -141,25 +141,6 @@ class Gate:
         """The sessions waiting at the gate, once every worker's is; else empty."""
         waiting = _sessions(WAITING_SQL[connection.vendor])
         return waiting if len(waiting) == WORKERS else set()
-
-
-def from_another_thread(fn: Callable[[], Any]) -> Any:
-    """``fn()`` called by a new thread: a caller of its own, so its background writes
-    do not wait for this thread's reads (as they would for one caller)."""
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join(TIMEOUT)
-    assert out, "the thread failed or did not finish"
-    return out[0]
-
-
-def outcome(result: Any) -> Any:
-    """The value, or the error the caller would see; never more than TIMEOUT."""
-    try:
-        return resolve(result, timeout=TIMEOUT)
-    except (OperationalError, InterfaceError) as exc:
-        return exc
 
 
 @pytest.fixture

@@ -17,20 +17,20 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import InterfaceError, OperationalError, connection, connections
+from django.db import OperationalError, connection, connections
 from django.db.models import BooleanField
 from django.db.models.expressions import RawSQL
 
 import asynchrormous
-from asynchrormous import outages, resolve
+from asynchrormous import outages
 from tests.reliability.conftest import scaled
+from tests.reliability.probes import TIMEOUT, from_another_thread, outcome
 from tests.testapp.models import Author, Book, Publisher
 
 pytestmark = [
@@ -46,7 +46,6 @@ PORT = 5439
 ALIAS = "restart"
 DATABASE = "asynchrormous_reliability"
 WORKERS = 4
-TIMEOUT = 20.0  # seconds any one wait may take: a restart takes 1-3 s
 
 
 def _version() -> str | None:
@@ -222,24 +221,6 @@ class Gate:
             [DATABASE],
         ).fetchone()
         return waiting == WORKERS
-
-
-def from_another_thread(fn: Callable[[], Any]) -> Any:
-    """``fn()`` from a caller of its own: its writes do not wait for our reads."""
-    out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(fn()))
-    thread.start()
-    thread.join(TIMEOUT)
-    assert out, "the thread failed or did not finish"
-    return out[0]
-
-
-def outcome(result: Any) -> Any:
-    """The value, or the clear error the caller sees; never more than TIMEOUT."""
-    try:
-        return resolve(result, timeout=TIMEOUT)
-    except (OperationalError, InterfaceError) as exc:
-        return exc
 
 
 def books() -> Any:
