@@ -1,0 +1,49 @@
+"""Another process on the test's database and cache: ``python -m tests.cache_peer``.
+
+Environment: the test's own (ASYNCHRORMOUS_TEST_DB, TOX_ENV_NAME), plus
+CACHE_PEER_DB (the test database's NAME), CACHE_PEER_PREFIX (the test run's key
+prefix) and CACHE_PEER_BACKEND. Reads commands on stdin, one per line, and answers
+one JSON line each:
+
+    read <pk>          -> {"value": <Gauge value, cached>, "outcome": "hit"|...}
+    write <pk> <value> -> {"written": 1}
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+
+from django.conf import settings
+
+settings.DATABASES["default"]["NAME"] = os.environ["CACHE_PEER_DB"]
+for cache in settings.CACHES.values():
+    cache["KEY_PREFIX"] = os.environ["CACHE_PEER_PREFIX"]
+settings.ASYNCHRORMOUS = {"WORKERS": 2, "CACHE": os.environ["CACHE_PEER_BACKEND"]}
+
+import django  # noqa: E402
+
+django.setup()
+
+from tests.cache_helpers import recording  # noqa: E402
+from tests.testapp.models import Gauge  # noqa: E402
+
+
+def main():
+    outcomes = recording()
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "read":
+            value = Gauge.objects.get(pk=int(args[0])).value
+            answer = {"value": value, "outcome": outcomes.take()}
+        elif command == "write":
+            written = Gauge.fresh.filter(pk=int(args[0])).update(value=int(args[1]))
+            answer = {"written": written}
+        else:
+            answer = {"error": f"unknown command {command!r}"}
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    main()
