@@ -360,8 +360,8 @@ def headline(r: W7Results) -> str:
 
 
 def versions_line(r: W7Results) -> str:
-    v = next((v for v in r.versions.values() if v), None)
-    if v is None:
+    v = {k: x for versions in r.versions.values() for k, x in versions.items()}
+    if not v:
         return "- W7's processes could not start (see W7 below)."
     cachalot = r.versions.get("cachalot", {}).get("django-cachalot", "?")
     cacheops = r.versions.get("cacheops", {}).get("django-cacheops", "?")
@@ -411,4 +411,5 @@ def chart_panel(ax: Any, r: W7Results) -> None:
     ax.invert_yaxis()
     ax.set_title("W7: cache hits (plain Django: uncached)", fontsize=10)
     ax.set_xlabel("microseconds (median; lower is better)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.4)
+    ax.legend(fontsize=7, loc="best")
