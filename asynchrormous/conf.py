@@ -26,6 +26,12 @@ DEFAULTS: dict[str, Any] = {
     # than wait for one (README: "the caller runs it"). Off: TIMEOUT then no longer
     # bounds that wait, and the job sees the caller's session state.
     "CALLER_RUNS": False,
+    # The alias in settings.CACHES that qs.cache() keeps results in; None: no caching.
+    "CACHE": None,
+    # Seconds a cached result is kept, unless qs.cache(timeout=...) says otherwise.
+    "CACHE_TIMEOUT": 300.0,
+    # Prepended to every key this library puts in the cache.
+    "CACHE_PREFIX": "asynchrormous",
 }
 
 # Check ids, one per key, so a system check can name exactly what is wrong.
@@ -37,6 +43,9 @@ CHECK_IDS = {
     "CONNECTION_MAX_AGE": "asynchrormous.E005",
     "CONNECTION_IDLE_TIMEOUT": "asynchrormous.E006",
     "CALLER_RUNS": "asynchrormous.E008",
+    "CACHE": "asynchrormous.E009",
+    "CACHE_TIMEOUT": "asynchrormous.E010",
+    "CACHE_PREFIX": "asynchrormous.E011",
 }
 
 
@@ -47,6 +56,9 @@ class Settings:
     connection_max_age: float | None
     connection_idle_timeout: float
     caller_runs: bool
+    cache: str | None
+    cache_timeout: float
+    cache_prefix: str
 
 
 def _is_seconds(value: object, *, allow_none: bool) -> bool:
@@ -87,6 +99,7 @@ def setting_errors() -> list[tuple[str, str]]:
         ("TIMEOUT", True),
         ("CONNECTION_MAX_AGE", True),
         ("CONNECTION_IDLE_TIMEOUT", False),
+        ("CACHE_TIMEOUT", False),
     ):
         value = raw.get(key, DEFAULTS[key])
         if not _is_seconds(value, allow_none=allow_none):
@@ -104,6 +117,30 @@ def setting_errors() -> list[tuple[str, str]]:
                 CHECK_IDS["CALLER_RUNS"],
                 f"ASYNCHRORMOUS['CALLER_RUNS'] must be True or False, "
                 f"not {caller_runs!r}.",
+            )
+        )
+    cache = raw.get("CACHE", DEFAULTS["CACHE"])
+    if cache is not None and cache not in getattr(settings, "CACHES", {}):
+        errors.append(
+            (
+                CHECK_IDS["CACHE"],
+                f"ASYNCHRORMOUS['CACHE'] must be None or an alias of settings.CACHES "
+                f"({', '.join(map(repr, getattr(settings, 'CACHES', {})))}), "
+                f"not {cache!r}.",
+            )
+        )
+    prefix = raw.get("CACHE_PREFIX", DEFAULTS["CACHE_PREFIX"])
+    if (
+        not isinstance(prefix, str)
+        or not prefix
+        or not prefix.isprintable()
+        or (" " in prefix)
+    ):
+        errors.append(
+            (
+                CHECK_IDS["CACHE_PREFIX"],
+                f"ASYNCHRORMOUS['CACHE_PREFIX'] must be a non-empty string without "
+                f"spaces (memcached refuses keys with them), not {prefix!r}.",
             )
         )
     return errors
@@ -126,6 +163,9 @@ def get_settings() -> Settings:
             connection_max_age=merged["CONNECTION_MAX_AGE"],
             connection_idle_timeout=merged["CONNECTION_IDLE_TIMEOUT"],
             caller_runs=merged["CALLER_RUNS"],
+            cache=merged["CACHE"],
+            cache_timeout=merged["CACHE_TIMEOUT"],
+            cache_prefix=merged["CACHE_PREFIX"],
         )
     return _cached
 

@@ -23,6 +23,7 @@ from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
 from . import aio, prefetch
+from .cache import reading, timeout_for, uncached
 from .calls import (
     Deferred,
     Recording,
@@ -101,6 +102,33 @@ def _after_mixin(cls: type, name: str) -> Any:
     raise AttributeError(name)
 
 
+def _cached(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A read terminal that a cached queryset (``cache()``) answers from the cache."""
+
+    @functools.wraps(method)
+    def read(self: AsyncQuerySetMixin[Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._cache_timeout:
+            return method(self, *args, **kwargs)
+        with reading(self._cache_timeout):
+            return method(self, *args, **kwargs)
+
+    return read
+
+
+def _uncached(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A write terminal: the rows it looks at first (delete()'s collector) come
+    from the database, even on a cached queryset."""
+
+    @functools.wraps(method)
+    def write(self: AsyncQuerySetMixin[Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._cache_timeout:
+            return method(self, *args, **kwargs)
+        with uncached():
+            return method(self, *args, **kwargs)
+
+    return write
+
+
 def _save_new(obj: Any, using: str) -> Any:
     obj.save(force_insert=True, using=using)
     return obj
@@ -129,6 +157,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     # Class attributes so Django's __init__ and _clone need no override for defaults.
     _background = False
     _fetch_job: Job | None = None
+    _cache_timeout = 0.0  # seconds; 0: not cached
 
     # -- Entering background mode ------------------------------------------------
 
@@ -142,6 +171,18 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         clone._background = True
         clone._result_cache = self._result_cache
         clone._prefetch_done = self._prefetch_done
+        return clone
+
+    def cache(self, timeout: float | None = None) -> AsyncQuerySetMixin[_T]:
+        """A clone whose reads are answered from ``ASYNCHRORMOUS["CACHE"]``.
+
+        Kept ``timeout`` seconds (None: ``CACHE_TIMEOUT``; 0: not cached), and
+        dropped as soon as a write to any table they read commits (README,
+        Caching). ``iterator()``, ``select_for_update()`` and reads in a
+        transaction that wrote their tables go to the database.
+        """
+        clone = self._chain()  # type: ignore[attr-defined]
+        clone._cache_timeout = timeout_for(timeout)
         return clone
 
     def start(self) -> AsyncQuerySetMixin[_T]:
@@ -238,7 +279,11 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
             job = self._started_fetch()
             if job is not None:
                 self._collect_fetch(job)
-        super()._fetch_all()
+        if self._result_cache is None and self._cache_timeout:
+            with reading(self._cache_timeout):
+                super()._fetch_all()
+        else:
+            super()._fetch_all()
 
     def _prefetch_related_objects(self) -> None:
         """Django's step; a background fetch runs its lookups side by side."""
@@ -255,6 +300,7 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
     def _clone(self) -> AsyncQuerySetMixin[_T]:
         clone = super()._clone()  # type: ignore[misc]
         clone._background = self._background
+        clone._cache_timeout = self._cache_timeout
         return clone
 
     def __getitem__(self, k: Any) -> Any:
@@ -367,53 +413,63 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
             return None
         return lazy_result(job.derive(transform, self._describe(name)), resultclass)
 
+    @_cached
     def count(self) -> int:
         if not self._background:
             return super().count()
         derived = self._derived(len, int, "count")
         return self._background_call("count", int) if derived is None else derived
 
+    @_cached
     def exists(self) -> bool:
         if not self._background:
             return super().exists()
         derived = self._derived(bool, bool, "exists")
         return self._background_call("exists", bool) if derived is None else derived
 
+    @_cached
     def contains(self, obj: Any) -> bool:
         if not self._background:
             return super().contains(obj)
         return self._background_call("contains", bool, obj)
 
+    @_cached
     def aggregate(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if not self._background:
             return super().aggregate(*args, **kwargs)
         return self._background_call("aggregate", dict, *args, **kwargs)
 
+    @_cached
     def in_bulk(self, id_list: Any = None, *, field_name: str = "pk") -> dict[Any, _T]:
         if not self._background:
             return super().in_bulk(id_list, field_name=field_name)
         return self._background_call("in_bulk", dict, id_list, field_name=field_name)
 
+    @_cached
     def get(self, *args: Any, **kwargs: Any) -> _T:
         if not self._background:
             return super().get(*args, **kwargs)
         return self._background_call("get", None, *args, **kwargs)
 
+    @_cached
     def first(self) -> _T | None:
         if not self._background:
             return super().first()
         return self._background_call("first", None)
 
+    @_cached
     def last(self) -> _T | None:
         if not self._background:
             return super().last()
         return self._background_call("last", None)
 
+    @_cached
     def earliest(self, *fields: Any) -> _T:
         if not self._background:
             return super().earliest(*fields)
         return self._background_call("earliest", None, *fields)
 
+    @_cached
     def latest(self, *fields: Any) -> _T:
         if not self._background:
             return super().latest(*fields)
@@ -489,11 +545,13 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
             return super().bulk_update(objs, fields, batch_size)
         return self._background_call("bulk_update", int, objs, fields, batch_size)
 
+    @_uncached
     def update(self, **kwargs: Any) -> int:
         if not self._background:
             return super().update(**kwargs)
         return self._background_call("update", int, **kwargs)
 
+    @_uncached
     def delete(self) -> tuple[int, dict[str, int]]:
         if not self._background:
             return super().delete()
@@ -732,7 +790,28 @@ def _on_the_pool(name: str) -> Callable[..., Any]:
 
 
 class AsyncManager(Manager.from_queryset(AsyncQuerySet)):  # type: ignore[misc]
-    """The manager to put on models: ``objects = AsyncManager()``."""
+    """The manager to put on models: ``objects = AsyncManager()``.
+
+    ``AsyncManager(cache=True)`` caches every queryset it makes, for
+    ``CACHE_TIMEOUT`` seconds (``cache=300``: 300 seconds). A model's related
+    managers (``author.book_set``) cache as the related model's default manager.
+    """
+
+    def __init__(self, *, cache: bool | float = False) -> None:
+        super().__init__()
+        if cache is not False and cache is not True:
+            timeout_for(cache)  # a bad value fails here
+        self._cache = cache
+
+    def get_queryset(self) -> AsyncQuerySet[Any]:
+        queryset = super().get_queryset()
+        setting = self._cache
+        if "instance" in vars(self):
+            # A related manager: made by Django from the default manager's class.
+            setting = getattr(self.model._default_manager, "_cache", False)
+        if setting is not False:
+            queryset._cache_timeout = timeout_for(None if setting is True else setting)
+        return queryset
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

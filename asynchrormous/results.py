@@ -292,7 +292,12 @@ def _as_on_a_worker(alias: str | None) -> Any:
         return
     conn = connections[alias]
     state = (conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log)
-    conn.execute_wrappers = []
+    # The library's own (a write's cache invalidation) stay.
+    conn.execute_wrappers = [
+        wrapper
+        for wrapper in conn.execute_wrappers
+        if getattr(wrapper, "on_every_connection", False)
+    ]
     conn.force_debug_cursor = False
     conn.queries_log = collections.deque(maxlen=conn.queries_log.maxlen)
     try:

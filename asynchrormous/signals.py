@@ -16,7 +16,7 @@ from django.dispatch import Signal
 
 from .pool import in_worker
 
-__all__ = ["instrumented", "job_finished"]
+__all__ = ["cache_used", "instrumented", "job_finished"]
 
 #: Sent from the thread that ran the job, once it ends, with keyword arguments
 #: ``description`` (str), ``alias`` (str), ``thread`` (the name of the thread that
@@ -25,6 +25,15 @@ __all__ = ["instrumented", "job_finished"]
 #: (``time.perf_counter()`` values), ``sql`` (list of statements) and ``exception``
 #: (the exception it raised, or None). The sender is None.
 job_finished = Signal()
+
+#: Sent from the thread that ran a cached queryset's statement, with keyword
+#: arguments ``alias``, ``sql``, ``tables`` (the frozenset of table names it
+#: depends on) and ``outcome``: ``"hit"`` (answered from the cache), ``"miss"``
+#: (read from the database, and kept unless in a transaction or the cache is
+#: down) or ``"bypass"`` (read from the database without looking: the open
+#: transaction wrote one of its tables, an invalidation is still owed, or its
+#: parameters cannot be pickled). The sender is None.
+cache_used = Signal()
 
 
 def instrumented(

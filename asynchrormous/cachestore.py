@@ -1,0 +1,251 @@
+"""Cached results and the table generations that keep them fresh, in Django's cache.
+
+Every table of a database has a *generation*: a random token in the cache, replaced
+by each committed write to the table (``bump``). A cached result is stored with the
+generations it was read under, taken before the query ran, and is served only while
+they are all still current: a write that commits after that snapshot makes the entry
+unreachable for everyone, in every process that shares the cache. Tokens are random,
+not counters, so a generation the cache evicted comes back as a new one, never as
+an old one that stale entries still carry.
+
+The cache is never needed for correctness: when a call fails (server down, timeout),
+reads go to the database for ``RETRY`` seconds, one warning is logged per outage,
+and the tables a process could not invalidate are read from the database only, by
+that process, until it has delivered the invalidation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.cache import caches
+from django.core.signals import setting_changed
+
+from .conf import get_settings
+from .sqltables import ALL
+
+__all__ = ["MISSING", "RETRY", "Store", "current_store", "database_id"]
+
+logger = logging.getLogger("asynchrormous")
+
+#: Seconds a process leaves the cache alone after a failed call.
+RETRY = 1.0
+
+MISSING = object()
+
+
+def database_id(connection: Any) -> str:
+    """The database a connection reads, the same in every process that shares it.
+
+    Two aliases of one database share its generations; an in-memory SQLite
+    database exists in one process only.
+    """
+    conf = connection.settings_dict
+    parts = [connection.vendor, conf.get("HOST"), conf.get("PORT"), conf.get("NAME")]
+    if connection.vendor == "sqlite" and connection.is_in_memory_db():
+        parts.append(os.getpid())
+    return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
+
+def _token() -> str:
+    return secrets.token_hex(8)
+
+
+class Store:
+    """The cache named by ``ASYNCHRORMOUS["CACHE"]``, as this library uses it."""
+
+    def __init__(self, alias: str, prefix: str) -> None:
+        self.alias = alias
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._outage_started: float | None = None
+        self._outage_failures = 0
+        # Generations this process could not replace: {database id: {table, ...}}.
+        self._undelivered: dict[str, set[str]] = {}
+
+    # -- Keys ---------------------------------------------------------------------
+
+    def generation_key(self, database: str, table: str) -> str:
+        digest = hashlib.blake2b(table.encode(), digest_size=8).hexdigest()
+        return f"{self.prefix}:g:{database}:{digest}"
+
+    def entry_key(self, database: str, material: Any) -> str | None:
+        """The key of a result, from everything that decides it; None when some
+        part cannot be pickled (the result is then not cached)."""
+        try:
+            dumped = pickle.dumps((database, material), protocol=5)
+        except Exception:
+            return None
+        return f"{self.prefix}:r:{hashlib.blake2b(dumped, digest_size=20).hexdigest()}"
+
+    def generation_keys(self, database: str, tables: Iterable[str]) -> list[str]:
+        """The generations a result of ``tables`` depends on: the database's first."""
+        return [
+            self.generation_key(database, table) for table in (ALL, *sorted(tables))
+        ]
+
+    # -- Outages ------------------------------------------------------------------
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + RETRY
+            self._outage_failures += 1
+            if self._outage_started is not None:
+                logger.debug("Cache %r still unavailable: %r", self.alias, exc)
+                return
+            self._outage_started = time.monotonic()
+        logger.warning(
+            "Cache %r is unavailable (%r): cached queries read the database until "
+            "it answers again.",
+            self.alias,
+            exc,
+        )
+
+    def _succeeded(self) -> None:
+        if self._outage_started is None:
+            return
+        with self._lock:
+            started, self._outage_started = self._outage_started, None
+            failures, self._outage_failures = self._outage_failures, 0
+        if started is not None:
+            logger.info(
+                "Cache %r answers again after %.1f s (%d failed calls).",
+                self.alias,
+                time.monotonic() - started,
+                failures,
+            )
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A call to the cache; MISSING when it failed (then noted as an outage)."""
+        if not self.available():
+            return MISSING
+        try:
+            result = getattr(caches[self.alias], method)(*args, **kwargs)
+        except Exception as exc:
+            self._failed(exc)
+            return MISSING
+        self._succeeded()
+        return result
+
+    # -- Generations --------------------------------------------------------------
+
+    def bump(self, database: str, tables: Iterable[str]) -> None:
+        """Make every result read from ``tables`` unreachable; never raises.
+
+        What could not be delivered is kept, and delivered before this process
+        reads those tables from the cache again.
+        """
+        tables = set(tables)
+        with self._lock:
+            pending = self._undelivered.pop(database, set())
+        tables |= pending
+        if not tables:
+            return
+        new = {self.generation_key(database, table): _token() for table in tables}
+        if self._call("set_many", new, timeout=None) is MISSING:
+            with self._lock:
+                self._undelivered.setdefault(database, set()).update(tables)
+
+    def blocked(self, database: str, tables: Iterable[str]) -> bool:
+        """Whether this process owes an invalidation of some of ``tables``: it
+        then delivers it first, or reads them from the database."""
+        if not self._undelivered.get(database):
+            return False
+        self.bump(database, ())
+        pending = self._undelivered.get(database)
+        if not pending:
+            return False
+        return ALL in pending or not pending.isdisjoint(tables)
+
+    def lookup(self, key: str, generation_keys: list[str]) -> tuple[Any, Any]:
+        """``(entry, generations)`` in one round trip.
+
+        ``entry`` is the cached value if it was stored under exactly the current
+        generations, else MISSING; ``generations`` is the snapshot to store a new
+        value under (None when the cache is unavailable: store nothing).
+        Generations that do not exist yet are created here.
+        """
+        found = self._call("get_many", [key, *generation_keys])
+        if found is MISSING:
+            return MISSING, None
+        absent = [k for k in generation_keys if k not in found]
+        if absent:
+            for k in absent:
+                token = _token()
+                added = self._call("add", k, token, timeout=None)
+                if added is MISSING:
+                    return MISSING, None
+                if not added:  # created meanwhile by another reader or a writer
+                    token = self._call("get", k)
+                    if token is None or token is MISSING:
+                        return MISSING, None
+                found[k] = token
+        generations = tuple(found[k] for k in generation_keys)
+        entry = found.get(key, MISSING)
+        if (
+            entry is not MISSING
+            and isinstance(entry, tuple)
+            and len(entry) == 2
+            and entry[0] == generations
+        ):
+            return entry[1], generations
+        return MISSING, generations
+
+    def store(
+        self, key: str, generations: tuple[Any, ...], value: Any, timeout: float
+    ) -> None:
+        """Keep ``value`` under the generations it was read under.
+
+        A refusal (a value too large for memcached) is no outage: nothing is kept.
+        """
+        if not self.available():
+            return
+        try:
+            caches[self.alias].set(key, (generations, value), timeout=timeout)
+        except Exception as exc:
+            logger.debug("Cache %r did not keep a result: %r", self.alias, exc)
+
+
+_store: Store | None = None
+_store_lock = threading.Lock()
+
+
+def current_store() -> Store | None:
+    """The Store of ``ASYNCHRORMOUS["CACHE"]``; None when caching is off."""
+    store = _store
+    if store is not None:
+        return store
+    conf = get_settings()
+    if conf.cache is None:
+        return None
+    return _new_store(conf.cache, conf.cache_prefix)
+
+
+def _new_store(alias: str, prefix: str) -> Store:
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = Store(alias, prefix)
+        return _store
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    global _store
+    if setting in ("ASYNCHRORMOUS", "CACHES"):
+        with _store_lock:
+            _store = None
+
+
+setting_changed.connect(_reload)

@@ -1,0 +1,158 @@
+"""Every write makes the cached results of the tables it wrote unreachable.
+
+An execute wrapper on every connection sees each statement Django sends, the
+ORM's (saves, bulk writes, cascades, many-to-many through tables) and raw SQL
+through ``connection.cursor()`` alike, once it has run. Outside a transaction the
+tables written get new generations before the write returns to its caller. Inside
+``atomic()`` they get them when the transaction commits, before ``atomic()``
+returns and before any ``on_commit()`` callback (which may fail) runs, and never on
+a rollback: the writes are kept in Django's own on-commit list, which drops those
+of a savepoint rolled back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connections
+from django.db.backends.signals import connection_created
+
+from .cachestore import Store, current_store, database_id
+from .sqltables import ALL, written_tables
+
+__all__ = ["install", "uninstall", "written_in_transaction"]
+
+
+class _Written:
+    """The tables one savepoint level of a transaction wrote."""
+
+    def __init__(self, commit: _Commit) -> None:
+        self.commit = commit
+        self.tables: set[str] = set()
+
+    def __call__(self) -> None:
+        self.commit.tables |= self.tables
+
+
+class _Commit:
+    """Invalidates, at commit, what the transaction's surviving writes wrote.
+
+    Registered once per transaction, after its ``_Written`` entries and before
+    everything else, with no savepoint: it runs on every commit.
+    """
+
+    def __init__(self, store: Store, database: str) -> None:
+        self.store = store
+        self.database = database
+        self.tables: set[str] = set()
+
+    def __call__(self) -> None:
+        self.store.bump(self.database, self.tables)
+
+
+def _ours(hooks: list[Any]) -> tuple[list[_Written], _Commit | None]:
+    """The leading ``_Written`` entries of Django's on-commit list, and the
+    ``_Commit`` after them."""
+    written: list[_Written] = []
+    for _, func, _robust in hooks:
+        if isinstance(func, _Written):
+            written.append(func)
+            continue
+        return written, func if isinstance(func, _Commit) else None
+    return written, None
+
+
+def _defer(connection: Any, store: Store, tables: frozenset[str]) -> None:
+    hooks = connection.run_on_commit
+    savepoints = set(connection.savepoint_ids)
+    written, commit = _ours(hooks)
+    for (sids, _func, _robust), entry in zip(hooks, written, strict=False):
+        if sids == savepoints:
+            entry.tables |= tables
+            return
+    if commit is None:
+        commit = _Commit(store, database_id(connection))
+        hooks.insert(len(written), (set(), commit, True))
+    entry = _Written(commit)
+    entry.tables |= tables
+    hooks.insert(0, (savepoints, entry, True))
+
+
+def written_in_transaction(connection: Any) -> set[str]:
+    """The tables the connection's open transaction wrote, rollbacks left out."""
+    if not connection.in_atomic_block:
+        return set()
+    written, _ = _ours(connection.run_on_commit)
+    return set().union(*(entry.tables for entry in written))
+
+
+def _text(sql: Any, connection: Any) -> str | None:
+    if isinstance(sql, str):
+        return sql
+    if isinstance(sql, bytes):
+        return sql.decode("utf-8", "replace")
+    as_string = getattr(sql, "as_string", None)  # psycopg's sql.Composed
+    if as_string is not None:
+        try:
+            return str(as_string(connection.connection))
+        except Exception:
+            return None
+    return None
+
+
+def _after_statement(connection: Any, sql: Any) -> None:
+    store = current_store()
+    if store is None:
+        return
+    text = _text(sql, connection)
+    tables = written_tables(text) if text is not None else frozenset({ALL})
+    if not tables:
+        return
+    if connection.in_atomic_block:
+        _defer(connection, store, tables)
+    else:
+        # Autocommit: the statement has committed. (Manual transaction management
+        # invalidates here too, before its commit: see the README.)
+        store.bump(database_id(connection), tables)
+
+
+def watch(
+    execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any
+) -> Any:
+    """The execute wrapper: a statement that fails may still have written."""
+    try:
+        return execute(sql, params, many, context)
+    finally:
+        _after_statement(context["connection"], sql)
+
+
+# Kept where the library clears a connection's wrappers for a job it runs.
+watch.on_every_connection = True  # type: ignore[attr-defined]
+
+
+def _watch(connection: Any) -> None:
+    if watch not in connection.execute_wrappers:
+        # First, so that Django's execute_wrapper(), which pops the last wrapper
+        # when its block ends, never takes this one away.
+        connection.execute_wrappers.insert(0, watch)
+
+
+def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    if current_store() is not None:
+        _watch(connection)
+
+
+connection_created.connect(_on_connection_created)
+
+
+def install() -> None:
+    """Watch this thread's open connections (new ones are watched when created)."""
+    for connection in connections.all(initialized_only=True):
+        _watch(connection)
+
+
+def uninstall() -> None:
+    for connection in connections.all(initialized_only=True):
+        if watch in connection.execute_wrappers:
+            connection.execute_wrappers.remove(watch)
