@@ -34,9 +34,12 @@ REDIS_CACHE = {
     "LOCATION": REDIS_URL,
 }
 
-if CONTENDER == "asynchrormous":
+if CONTENDER in ("asynchrormous", "asynchrormous-locmem"):
     INSTALLED_APPS = ["asynchrormous", "benchmarks.benchapp"]
-    CACHES = {"default": REDIS_CACHE}
+    # The LocMemCache variant (this process only: no invalidation across processes)
+    # shows what the library costs without the round trips to Redis.
+    LOCMEM_CACHE = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    CACHES = {"default": LOCMEM_CACHE if CONTENDER.endswith("-locmem") else REDIS_CACHE}
     ASYNCHRORMOUS = {
         "WORKERS": 2,
         "CACHE": "default",

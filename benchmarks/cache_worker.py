@@ -1,15 +1,17 @@
 """W7, query caching: one contender in a child process of run.py.
 
     python benchmarks/cache_worker.py plain|asynchrormous|cachalot|cacheops
+    python benchmarks/cache_worker.py asynchrormous-locmem  # LocMemCache, no Redis
 
 cachalot and cacheops patch Django for the whole process, so each contender runs in a
 process of its own, all from the same virtualenv (.venv-bench-cache: the main
 process's Django, and both packages). run.py sends one JSON line per task, in a new
 random order each round; this process runs it and answers one JSON line:
 
-- ``{"op": "hit_get"}``: the seconds of one operation. A hit is asked for once untimed
-  first, so it is a hit even after a write emptied the table's entries; a miss asks
-  for a query this process never ran; a write updates one row.
+- ``{"op": "hit_get"}``: the seconds of one operation, run right after an untimed run
+  of the same kind (a hit's is what makes it a hit, even after a write emptied the
+  table's entries); a miss asks for a query this process never ran; a write
+  updates one row.
 - ``{"op": "hit_get", "probe": true}``: instead of the time, the Redis round trips
   and SQL statements of one operation.
 """
@@ -39,14 +41,17 @@ from django.db import connection  # noqa: E402
 from django.db.models import F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    BUCKETS,
+    ROWS_PER_BUCKET,
     W7_HIT,
     W7_MISS_SPAN,
     W7_OPS,
+    W7_REDIS_DBS,
     W7_WRITE_PKS,
     W7_WRITE_SPAN,
 )
 
-if CONTENDER == "asynchrormous":
+if CONTENDER.startswith("asynchrormous"):
     from benchmarks.benchapp.models import Item
 
     def queryset() -> Any:
@@ -86,9 +91,22 @@ def count(x: int) -> Any:
 
 
 def fetch_100(x: int) -> Any:
-    rows = list(queryset().filter(pk__gt=x).order_by("pk")[:100])
-    assert len(rows) == 100, len(rows)
-    return rows
+    return list(queryset().filter(pk__gt=x).order_by("pk")[:100])
+
+
+ROWS = BUCKETS * ROWS_PER_BUCKET
+
+
+def check(what: str, x: int, result: Any) -> None:
+    """A fast answer must be the right one (rows: pk 1 + i, bucket i % 4)."""
+    if what == "get":
+        right = result.pk == x
+    elif what == "count":
+        right = result == (ROWS + 2) // 4 - (x + 2) // 4  # pks ≡ 2 (mod 4) above x
+    else:
+        right = [row.pk for row in result] == list(range(x + 1, x + 101))
+    if not right:
+        raise AssertionError(f"{what}({x}) answered {result!r}")
 
 
 def update(x: int) -> Any:
@@ -138,21 +156,26 @@ class Op:
             saving[pk] = writes().get(pk=pk)  # fetched once, untimed
         return pk
 
-    def prepare(self, x: int) -> None:
-        """Make the timed run a hit, whatever wrote to the table since."""
-        if self.kind == "hit":
-            self.call(x)
+    def prepare(self) -> int:
+        """Run the operation once untimed, so that every timed run comes right after
+        one of its kind (a process woken from reading stdin is slower, the more so
+        the more code the operation runs); a hit's, with the argument it will be
+        timed with, is what makes it a hit whatever wrote to the table since."""
+        x = self.next()
+        self.call(x)
+        return x if self.kind == "hit" else self.next()
 
     def run(self) -> float:
-        x = self.next()
-        self.prepare(x)
+        x = self.prepare()
         started = time.perf_counter()
-        self.call(x)
-        return time.perf_counter() - started
+        result = self.call(x)
+        elapsed = time.perf_counter() - started
+        if self.kind in ("hit", "miss"):
+            check(self.name.partition("_")[2], x, result)
+        return elapsed
 
     def probe(self) -> dict[str, int]:
-        x = self.next()
-        self.prepare(x)
+        x = self.prepare()
         with Counting() as counts:
             self.call(x)
         return counts
@@ -213,7 +236,7 @@ def versions() -> dict[str, str]:
             out[package] = version(package)
         except PackageNotFoundError:
             pass
-    if CONTENDER != "plain":
+    if CONTENDER in W7_REDIS_DBS:
         import redis
         from django.conf import settings
 
@@ -241,7 +264,7 @@ def main() -> None:
         except Exception as exc:  # reported by run.py, which stops this contender
             answer = {"error": f"{task['op']}: {type(exc).__name__}: {exc}"}
         print(json.dumps(answer), flush=True)
-    if CONTENDER == "asynchrormous":
+    if CONTENDER.startswith("asynchrormous"):
         from asynchrormous import shutdown
 
         shutdown()

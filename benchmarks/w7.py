@@ -28,10 +28,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE_VENV = ROOT / ".venv-bench-cache"
 
-CONTENDERS = ["plain", "asynchrormous", "cachalot", "cacheops"]
+CONTENDERS = ["plain", "asynchrormous", "cachalot", "cacheops", "asynchrormous-locmem"]
 LABELS = {
     "plain": "plain Django (uncached)",
     "asynchrormous": "asynchrormous .cache()",
+    "asynchrormous-locmem": "asynchrormous .cache(), LocMemCache",
     "cachalot": "django-cachalot",
     "cacheops": "django-cacheops .cache()",
 }
@@ -377,13 +378,19 @@ def versions_line(r: W7Results) -> str:
 NOTES = [
     "- W7: every contender is a process of its own from the same virtualenv, timing",
     "  one operation at a time inside that process; asynchrormous and cachalot use",
-    "  Django's RedisCache, cacheops its own redis-py client. A hit is asked for once",
-    "  untimed first (a write in between empties the table's entries); a miss is a",
-    "  query its process never ran. cachalot caches every query on the table;",
-    "  asynchrormous and cacheops only those asked with `.cache()`.",
+    "  Django's RedisCache, cacheops its own redis-py client. Each timed operation",
+    "  comes right after an untimed one of its kind (a hit's is the same query, so",
+    "  a write in between cannot make it a miss); a miss is a query its process",
+    "  never ran. cachalot caches every query on the table; asynchrormous and",
+    "  cacheops only those asked with `.cache()`.",
     "- W7 writes: cacheops invalidates nothing on `update()`, so its update row is",
     "  `invalidated_update()` (SELECT FOR UPDATE, UPDATE, SELECT); its `save()`",
     "  fetches the old row first. Each write commits on its own.",
+    "- W7's LocMemCache column is asynchrormous with its cache in its own process:",
+    "  no round trip to Redis, and no invalidation seen by other processes. It is",
+    "  no target, only what the library costs without the network.",
+    "- Django's RedisCache (asynchrormous, cachalot) makes a `redis.Redis` client",
+    "  for every call (`get_client()`); cacheops keeps one.",
 ]
 
 
@@ -393,6 +400,7 @@ def chart_panel(ax: Any, r: W7Results) -> None:
     colours = {
         "plain": "#999999",
         "asynchrormous": "#d9822b",
+        "asynchrormous-locmem": "#e0a95f",
         "cachalot": "#6a9fd0",
         "cacheops": "#9b7fc4",
     }
