@@ -41,7 +41,14 @@ from .conf import get_settings
 from .signals import cache_used
 from .sqltables import ALL, normalized, tables_in
 
-__all__ = ["invalidate", "reading", "timeout_for", "uncached"]
+__all__ = [
+    "check_timeout",
+    "default_timeout",
+    "invalidate",
+    "reading",
+    "timeout_for",
+    "uncached",
+]
 
 # The timeout of the cached read running in this context; None: not caching.
 _reading: ContextVar[float | None] = ContextVar("asynchrormous_cache", default=None)
@@ -50,24 +57,37 @@ _disabled: ContextVar[bool] = ContextVar("asynchrormous_uncached", default=False
 _WRITE_COMPILERS = (SQLInsertCompiler, SQLUpdateCompiler, SQLDeleteCompiler)
 
 
-def timeout_for(timeout: Any) -> float:
-    """The seconds ``qs.cache(timeout)`` keeps results: None means the setting's
-    CACHE_TIMEOUT, 0 not at all."""
+def check_timeout(timeout: Any) -> None:
+    """Raise ValueError unless ``timeout`` is None or a number of seconds >= 0."""
     number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
     if timeout is not None and (not number or timeout < 0):
         raise ValueError(
             f"cache(timeout=...) must be a number of seconds >= 0 or None, "
             f"not {timeout!r}."
         )
-    conf = get_settings()
+
+
+def timeout_for(timeout: Any) -> float:
+    """The seconds ``qs.cache(timeout)`` keeps results: None means the setting's
+    CACHE_TIMEOUT, 0 not at all."""
+    check_timeout(timeout)
     if timeout == 0:
         return 0.0
+    conf = get_settings()
     if conf.cache is None:
         raise ImproperlyConfigured(
             "Caching needs a cache: set ASYNCHRORMOUS['CACHE'] to an alias of "
             "settings.CACHES (README, Caching)."
         )
     return float(conf.cache_timeout if timeout is None else timeout)
+
+
+def default_timeout(setting: bool | float) -> float:
+    """The seconds a manager's ``cache=`` default keeps results; 0 (no caching)
+    while ``ASYNCHRORMOUS["CACHE"]`` is unset (a system check warns)."""
+    if setting is False or get_settings().cache is None:
+        return 0.0
+    return timeout_for(None if setting is True else setting)
 
 
 @contextlib.contextmanager

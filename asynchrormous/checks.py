@@ -9,7 +9,13 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from .conf import DEFAULTS, setting_errors
 
-__all__ = ["check_databases", "check_settings", "database_messages"]
+__all__ = [
+    "cache_messages",
+    "check_cache",
+    "check_databases",
+    "check_settings",
+    "database_messages",
+]
 
 SUPPORTED_VENDORS = ("sqlite", "postgresql", "mysql")
 
@@ -81,6 +87,84 @@ def _check_sqlite(alias: str, conf: dict[str, Any]) -> list[CheckMessage]:
                 hint="OPTIONS = {'timeout': 20, 'transaction_mode': 'IMMEDIATE', "
                 "'init_command': 'PRAGMA journal_mode=WAL;'}",
                 id="asynchrormous.W001",
+            )
+        ]
+    return []
+
+
+@register(Tags.caches, Tags.compatibility)
+def check_cache(**kwargs: Any) -> list[CheckMessage]:
+    raw = getattr(settings, "ASYNCHRORMOUS", {})
+    alias = raw.get("CACHE") if isinstance(raw, dict) else None
+    caches = getattr(settings, "CACHES", {})
+    if alias is None:
+        return _managers_without_a_cache()
+    if alias not in caches:
+        return []  # check_settings reports an unknown alias
+    return cache_messages(alias, caches[alias])
+
+
+def _managers_without_a_cache() -> list[CheckMessage]:
+    from django.apps import apps
+
+    caching = sorted(
+        f"{model._meta.label}.{manager.name}"
+        for model in apps.get_models()
+        for manager in model._meta.managers
+        if getattr(manager, "_cache", False) is not False
+    )
+    if not caching:
+        return []
+    return [
+        Warning(
+            f"{', '.join(caching)} cache their querysets (AsyncManager(cache=...)), "
+            f"but ASYNCHRORMOUS['CACHE'] is not set: they read the database.",
+            hint="Set ASYNCHRORMOUS['CACHE'] to an alias of settings.CACHES, or "
+            "leave it unset to turn caching off on purpose.",
+            id="asynchrormous.W005",
+        )
+    ]
+
+
+# Where each backend takes the socket timeouts that bound a call to a server that
+# hangs (README, Caching): Django passes OPTIONS on to the client.
+_TIMEOUT_OPTIONS = {
+    "RedisCache": ("socket_timeout", "socket_connect_timeout"),
+    "PyMemcacheCache": ("timeout", "connect_timeout"),
+}
+
+
+def cache_messages(alias: str, conf: dict[str, Any]) -> list[CheckMessage]:
+    """What check_cache reports for the cache ASYNCHRORMOUS['CACHE'] names."""
+    backend = str(conf.get("BACKEND", "")).rsplit(".", 1)[-1]
+    if backend in ("LocMemCache", "DummyCache"):
+        what = (
+            "keeps nothing"
+            if backend == "DummyCache"
+            else "is private to each process: a write in one process cannot "
+            "invalidate what another process cached"
+        )
+        return [
+            Warning(
+                f"ASYNCHRORMOUS['CACHE'] names {alias!r}, a {backend}, which {what}.",
+                hint="Use Redis or Memcached when more than one process serves the "
+                "site (README, Caching); LocMemCache suits one process and tests.",
+                id="asynchrormous.W003",
+            )
+        ]
+    options = conf.get("OPTIONS", {})
+    wanted = _TIMEOUT_OPTIONS.get(backend, ())
+    missing = [name for name in wanted if name not in options]
+    if missing:
+        return [
+            Warning(
+                f"Cache {alias!r} ({backend}) has no {', '.join(missing)} in OPTIONS: "
+                f"a cache server that stops answering would hold every cached query "
+                f"(and every write's invalidation) for the client's default timeout.",
+                hint="e.g. OPTIONS = {"
+                + ", ".join(f"{name!r}: 0.25" for name in wanted)
+                + "} (README, Caching).",
+                id="asynchrormous.W004",
             )
         ]
     return []

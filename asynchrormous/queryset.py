@@ -23,7 +23,7 @@ from django.db.models.sql import Query
 from django.db.models.sql.where import WhereNode
 
 from . import aio, prefetch
-from .cache import reading, timeout_for, uncached
+from .cache import check_timeout, default_timeout, reading, timeout_for, uncached
 from .calls import (
     Deferred,
     Recording,
@@ -793,14 +793,15 @@ class AsyncManager(Manager.from_queryset(AsyncQuerySet)):  # type: ignore[misc]
     """The manager to put on models: ``objects = AsyncManager()``.
 
     ``AsyncManager(cache=True)`` caches every queryset it makes, for
-    ``CACHE_TIMEOUT`` seconds (``cache=300``: 300 seconds). A model's related
-    managers (``author.book_set``) cache as the related model's default manager.
+    ``CACHE_TIMEOUT`` seconds (``cache=300``: 300 seconds), while
+    ``ASYNCHRORMOUS["CACHE"]`` is set. A model's related managers
+    (``author.book_set``) cache as the related model's default manager.
     """
 
     def __init__(self, *, cache: bool | float = False) -> None:
         super().__init__()
-        if cache is not False and cache is not True:
-            timeout_for(cache)  # a bad value fails here
+        if not isinstance(cache, bool):
+            check_timeout(cache)  # a bad value fails here, at import
         self._cache = cache
 
     def get_queryset(self) -> AsyncQuerySet[Any]:
@@ -810,7 +811,7 @@ class AsyncManager(Manager.from_queryset(AsyncQuerySet)):  # type: ignore[misc]
             # A related manager: made by Django from the default manager's class.
             setting = getattr(self.model._default_manager, "_cache", False)
         if setting is not False:
-            queryset._cache_timeout = timeout_for(None if setting is True else setting)
+            queryset._cache_timeout = default_timeout(setting)
         return queryset
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 import asynchrormous
 from asynchrormous.signals import job_finished
+from tests.cache_helpers import BACKENDS, recording, turn_on
 from tests.testapp.models import Author, Book, Publisher
 
 # The reliability suite runs on its own (make reliability, tox's reliability envs).
@@ -47,6 +48,16 @@ def busy_pool(settings):
     yield release
     release.set()
     assert blocker.result() is True
+
+
+@pytest.fixture(params=BACKENDS)
+def caching(request, settings):
+    """Caching on (tests/cache_helpers.py), in each backend; yields the Outcomes
+    of the test's cached reads."""
+    turn_on(settings, request.param)
+    outcomes = recording()
+    yield outcomes
+    outcomes.stop()
 
 
 @pytest.fixture

@@ -132,3 +132,26 @@ class Reader(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Gauge(models.Model):
+    """A model whose default manager caches every queryset (AsyncManager(cache=))."""
+
+    name = models.CharField(max_length=50)
+    value = models.IntegerField(default=0)
+
+    objects = AsyncManager(cache=True)
+    fresh = AsyncManager()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class GaugeReading(models.Model):
+    gauge = models.ForeignKey(Gauge, models.CASCADE, related_name="readings")
+    value = models.IntegerField()
+
+    objects = AsyncManager(cache=60)
+
+    def __str__(self) -> str:
+        return f"{self.gauge_id}: {self.value}"
