@@ -32,6 +32,8 @@ DATABASES = {
 REDIS_CACHE = {
     "BACKEND": "django.core.cache.backends.redis.RedisCache",
     "LOCATION": REDIS_URL,
+    # What asynchrormous's check W004 asks for (README, Caching).
+    "OPTIONS": {"socket_timeout": 0.25, "socket_connect_timeout": 0.25},
 }
 
 if CONTENDER in ("asynchrormous", "asynchrormous-locmem"):
