@@ -167,11 +167,19 @@ class Op:
 
     def run(self) -> float:
         x = self.prepare()
+        before = statements[0]
         started = time.perf_counter()
         result = self.call(x)
         elapsed = time.perf_counter() - started
         if self.kind in ("hit", "miss"):
             check(self.name.partition("_")[2], x, result)
+            # A cache that stopped answering (an outage) turns hits into queries.
+            ran = statements[0] - before
+            expected = 0 if self.kind == "hit" and CONTENDER != "plain" else 1
+            if ran != expected:
+                raise AssertionError(
+                    f"{self.name}({x}) ran {ran} SQL statements, not {expected}"
+                )
         return elapsed
 
     def probe(self) -> dict[str, int]:
@@ -246,10 +254,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+statements = [0]  # SQL statements this process ran
+
+
+def count_statements(
+    execute: Any, sql: str, params: Any, many: bool, context: Any
+) -> Any:
+    statements[0] += 1
+    return execute(sql, params, many, context)
+
+
 def main() -> None:
     ops = {name: Op(name) for name in W7_OPS}
     flush()
     connection.ensure_connection()
+    # Last, so it counts what reaches the database; in every contender alike.
+    connection.execute_wrappers.append(count_statements)
     print(json.dumps({"ready": True, "versions": versions()}), flush=True)
     for line in sys.stdin:
         if not line.strip():
