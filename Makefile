@@ -85,8 +85,10 @@ $(TOX): Makefile
 	$(TOOLS)/bin/pip install --quiet 'tox>=4.20,<5'
 
 # Benchmarks (issue #8): their own virtualenvs (.venv-bench here; run.py makes
-# .venv-bench-d with Python 3.12+ and Django 6.1 for django-async-backend) and their
-# own PostgreSQL database. Writes benchmarks/RESULTS.md and benchmarks/results.png;
+# .venv-bench-d with Python 3.12+ and Django 6.1 for django-async-backend, and
+# .venv-bench-cache with this Python and Django, django-cachalot and django-cacheops
+# for W7) and their own PostgreSQL database; W7 also needs Redis on 127.0.0.1:6379
+# (databases 13 to 15). Writes benchmarks/RESULTS.md and benchmarks/results.png;
 # run it on a quiet machine (see `uptime`). BENCH_ARGS=--quick for a short try.
 BENCH := .venv-bench
 
@@ -96,5 +98,5 @@ bench: $(BENCH)/.installed
 $(BENCH)/.installed: pyproject.toml
 	rm -rf $(BENCH)
 	$(PYTHON) -m venv $(BENCH)
-	$(BENCH)/bin/pip install --quiet -e '.[postgres]' matplotlib py-spy
+	$(BENCH)/bin/pip install --quiet -e '.[postgres]' matplotlib py-spy redis
 	touch $@

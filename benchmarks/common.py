@@ -31,6 +31,25 @@ W5_PARTS = 2  # per owner and kind
 W5_SLEEP = 0.020  # per W5 query: the main query and each lookup
 W6_WORKERS = 4  # W6: a small pool, kept busy by W6_CALLERS callers running W4's batch
 W6_CALLERS = 16
+# W7, query caching: each caching contender's own Redis database on 127.0.0.1:6379
+# (the tests claim 1 to 12), which its process empties when it starts.
+W7_REDIS_DBS = {"asynchrormous": 13, "cachalot": 14, "cacheops": 15}
+# The argument of each hit: get(pk=), filter(bucket=1, pk__gt=).count(), and
+# filter(pk__gt=).order_by("pk")[:100]. Misses take others, never these.
+W7_HIT = {"get": 15_001, "count": 10_000, "fetch_100": 15_000}
+W7_MISS_SPAN = 4_000  # misses per operation before an argument comes round again
+W7_WRITE_PKS = 19_001  # writes update the value (unchanged) of rows from here on
+W7_WRITE_SPAN = 1_000
+W7_OPS = [
+    "hit_get",
+    "hit_count",
+    "hit_fetch_100",
+    "miss_get",
+    "miss_count",
+    "miss_fetch_100",
+    "update",
+    "save",
+]
 
 # (kind, filter kwargs, server-side sleep in seconds); kind is list, count or get.
 Op = tuple[str, dict[str, Any], float]

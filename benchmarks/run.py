@@ -7,7 +7,9 @@ Creates and fills its own PostgreSQL database, starts contender D in its own
 virtualenv (Python 3.12+, Django 6.1, django-async-backend), runs every contender on
 every workload in random order per round, and writes benchmarks/RESULTS.md and
 benchmarks/results.png. Needs matplotlib in the running interpreter. With only some
-workloads (``--workloads W5``), it prints their tables and writes nothing.
+workloads (``--workloads W5``), it prints their tables and writes nothing. W7
+(caching, benchmarks/w7.py) also needs Redis on 127.0.0.1:6379 and makes its own
+virtualenv, .venv-bench-cache, for django-cachalot and django-cacheops.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import w7  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     BUCKETS,
     DB_NAME,
@@ -89,7 +92,9 @@ TITLES = {
     f"query {W5_SLEEP * 1000:.0f} ms",
     "W6": f"W6 busy pool: one pk lookup while {W6_CALLERS} callers keep "
     f"WORKERS={W6_WORKERS} busy",
+    "W7": w7.TITLE,
 }
+SIDES = {"sync": "start() / lazy", "async": "await + gather", "cache": ".cache()"}
 # W6's contenders: C's pool and D's process are not the pool kept busy.
 W6_CONTENDERS = ["A", "sync", "async"]
 
@@ -556,6 +561,7 @@ class Results:
     #: W6's latencies by contender, and the pool's queue length at each sample.
     w6: dict[str, list[float]] = field(default_factory=dict)
     created_threads: Counter[str] = field(default_factory=Counter)
+    w7: w7.W7Results | None = None
 
     def add(self, workload: str, name: str, seconds: float) -> None:
         self.samples.setdefault((workload, name), []).append(seconds)
@@ -595,7 +601,7 @@ def measure(
         for _ in range(n)
     ]
     rng = random.Random(args.seed)
-    for round_no in range(-args.warmup, args.rounds):
+    for round_no in range(-args.warmup, args.rounds if tasks else -args.warmup):
         rng.shuffle(tasks)
         if round_no == 0:
             created.clear()  # from here on, a new connection is a reconnect
@@ -626,6 +632,11 @@ def measure(
     if "W6" in args.workloads:
         results.w6 = run_w6(args.w6_samples, args.seed)
         log("W6")
+    if "W7" in args.workloads:
+        results.w7 = w7.measure(
+            args.rounds, args.warmup, args.w7_repeats, args.seed, args.cache_python, log
+        )
+        log("W7")
     return results
 
 
@@ -702,6 +713,8 @@ def targets(r: Results) -> list[Target]:
     if r.w6:
         x, a = statistics.median(r.w6["sync"]), statistics.median(r.w6["A"])
         out.append(Target("W6", "sync", "≤ 1.2x A", f"{x / a:.2f}x A", x <= 1.2 * a))
+    if r.w7:
+        out += [Target("W7", "cache", *check) for check in w7.checks(r.w7)]
     return out
 
 
@@ -809,6 +822,9 @@ def only_report(r: Results, workloads: list[str]) -> str:
         lines += ["", f"## {TITLES['W4']}", "", *w4_table(r)]
     if r.w6:
         lines += ["", f"## {TITLES['W6']}", "", *w6_table(r)]
+    if r.w7:
+        lines += ["", f"## {TITLES['W7']}", "", *w7.tables(r.w7)]
+        lines += ["", *w7.checks_table(r.w7)]
     return "\n".join(lines) + "\n"
 
 
@@ -889,6 +905,8 @@ def write_report(
         )
     else:
         lines.append(f"- D could not run here:\n\n```\n{d.error}\n```")
+    if r.w7:
+        lines.append(w7.versions_line(r.w7))
     lines += [
         "",
         "## Headline",
@@ -907,6 +925,7 @@ def write_report(
         f"- W3: {m('W3', 'sync') / m('W3', 'A'):.2f}x and "
         f"{m('W3', 'async') / m('W3', 'A'):.2f}x A's time.",
         *([w5_headline(r)] if ("W5", "A") in r.samples else []),
+        *([w7.headline(r.w7)] if r.w7 else []),
         "",
         "## Targets",
         "",
@@ -914,9 +933,11 @@ def write_report(
         "|---|---|---|---|---|",
     ]
     for t in checks:
-        side = "start() / lazy" if t.contender == "sync" else "await + gather"
         verdict = "PASS" if t.passed else "**FAIL**"
-        lines.append(f"| {t.workload} | {side} | {t.text} | {t.value} | {verdict} |")
+        lines.append(
+            f"| {t.workload} | {SIDES[t.contender]} | {t.text} | {t.value} "
+            f"| {verdict} |"
+        )
     for workload in ("W1", "W2", "W2-1", "W3", "W5"):
         if (workload, "A") in r.samples:
             lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
@@ -945,6 +966,8 @@ def write_report(
             "",
             *w6_table(r),
         ]
+    if r.w7:
+        lines += ["", f"## {TITLES['W7']}", "", *w7.tables(r.w7)]
     reconnected = ", ".join(f"{k} ({v})" for k, v in sorted(r.created_threads.items()))
     lines += [
         "",
@@ -963,6 +986,7 @@ def write_report(
         + ".",
         "- D opens each query with `async_new_connection()` (a pooled connection per "
         "task), its documented way to run queries in parallel.",
+        *(w7.NOTES if r.w7 else []),
     ]
     if breakdown:
         lines += [
@@ -1010,6 +1034,9 @@ def partial_report(r: Results, args: argparse.Namespace) -> str:
     for workload in ("W1", "W2", "W2-1", "W3", "W5"):
         if (workload, "A") in r.samples:
             lines += ["", f"## {TITLES[workload]}", "", *workload_table(r, workload)]
+    if r.w7:
+        lines += ["", f"## {TITLES['W7']}", "", *w7.tables(r.w7)]
+        lines += ["", *w7.checks_table(r.w7), "", *w7.NOTES]
     return "\n".join(lines) + "\n"
 
 
@@ -1022,7 +1049,10 @@ def chart(r: Results, path: Path) -> None:
 
     panels = ["W1", "W2", "W2-1", "W3", "W5"]
     fig, axes = plt.subplots(4, 2, figsize=(12, 14.5))
-    axes[2, 1].set_axis_off()
+    if r.w7 and w7.names(r.w7):
+        w7.chart_panel(axes[2, 1], r.w7)
+    else:
+        axes[2, 1].set_axis_off()
     colours = {
         "A": "#999999",
         "B": "#bbbbbb",
@@ -1091,12 +1121,20 @@ def main() -> None:
     parser.add_argument(
         "--workloads",
         type=lambda s: s.split(","),
-        default=["W1", "W2", "W3", "W4", "W5", "W6"],
+        default=["W1", "W2", "W3", "W4", "W5", "W6", "W7"],
         help="comma-separated; RESULTS.md needs W1 to W4, others are printed",
     )
     parser.add_argument("--quick", action="store_true", help="a few rounds, to try")
     parser.add_argument("--d-python", help="the interpreter for D (default: a venv)")
     parser.add_argument("--w6-samples", type=int, default=300)
+    parser.add_argument(
+        "--w7-repeats", type=int, default=5, help="W7: each operation per round"
+    )
+    parser.add_argument(
+        "--cache-python",
+        help="the interpreter for W7's processes, with django-cachalot and "
+        "django-cacheops (default: .venv-bench-cache, made when missing)",
+    )
     parser.add_argument(
         "--only",
         type=lambda s: s.split(","),
