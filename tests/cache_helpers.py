@@ -4,9 +4,37 @@ import threading
 
 from asynchrormous.cache import invalidate
 from asynchrormous.signals import cache_used
+from tests.cache_servers import memcached_location, redis_location
 
-#: The backends every caching test runs on (tests/settings.py CACHES).
-BACKENDS = ["redis", "locmem"]
+#: The backends every caching test runs on.
+BACKENDS = ["redis", "memcached", "locmem"]
+
+#: Bounds on every call to a cache server that stops answering (check W004).
+TIMEOUTS = {
+    "redis": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+    "memcached": {"timeout": 0.5, "connect_timeout": 0.5},
+}
+
+
+def cache_settings(backend, location=None):
+    """``settings.CACHES[backend]`` on its real server: this process's database of
+    the shared Redis, this process's memcached (tests/cache_servers.py)."""
+    if backend == "redis":
+        return {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": location or redis_location(),
+            "OPTIONS": TIMEOUTS["redis"],
+        }
+    if backend == "memcached":
+        return {
+            "BACKEND": "django.core.cache.backends.memcached.PyMemcacheCache",
+            "LOCATION": location or memcached_location(),
+            "OPTIONS": TIMEOUTS["memcached"],
+        }
+    return {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "asynchrormous-tests",
+    }
 
 
 class Outcomes:
@@ -27,7 +55,9 @@ class Outcomes:
         return taken
 
 
-def turn_on(settings, backend, **extra):
+def turn_on(settings, backend, location=None, **extra):
+    """Caching on, in ``backend`` (at ``location``: a disposable server's)."""
+    settings.CACHES = {**settings.CACHES, backend: cache_settings(backend, location)}
     settings.ASYNCHRORMOUS = {"WORKERS": 2, "TIMEOUT": 30.0, "CACHE": backend, **extra}
     # Rows of an earlier test (the database is emptied between tests, perhaps
     # while caching was off) must not answer this one.

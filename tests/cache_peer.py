@@ -1,9 +1,9 @@
 """Another process on the test's database and cache: ``python -m tests.cache_peer``.
 
 Environment: the test's own (ASYNCHRORMOUS_TEST_DB, TOX_ENV_NAME), plus
-CACHE_PEER_DB (the test database's NAME), CACHE_PEER_PREFIX (the test run's key
-prefix) and CACHE_PEER_BACKEND. Reads commands on stdin, one per line, and answers
-one JSON line each:
+CACHE_PEER_DB (the test database's NAME), CACHE_PEER_BACKEND and
+CACHE_PEER_LOCATION (the test's cache server). Reads commands on stdin, one per
+line, and answers one JSON line each:
 
     read <pk>          -> {"value": <Gauge value, cached>, "outcome": "hit"|...}
     write <pk> <value> -> {"written": 1}
@@ -17,10 +17,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
 from django.conf import settings
 
+from tests.cache_helpers import cache_settings
+
+BACKEND = os.environ["CACHE_PEER_BACKEND"]
 settings.DATABASES["default"]["NAME"] = os.environ["CACHE_PEER_DB"]
-for cache in settings.CACHES.values():
-    cache["KEY_PREFIX"] = os.environ["CACHE_PEER_PREFIX"]
-settings.ASYNCHRORMOUS = {"WORKERS": 2, "CACHE": os.environ["CACHE_PEER_BACKEND"]}
+settings.CACHES[BACKEND] = cache_settings(BACKEND, os.environ["CACHE_PEER_LOCATION"])
+settings.ASYNCHRORMOUS = {"WORKERS": 2, "CACHE": BACKEND}
 
 import django  # noqa: E402
 

@@ -90,19 +90,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates"}]
 ASYNCHRORMOUS = {"WORKERS": 4, "TIMEOUT": 30.0}
 
-# The caches the caching tests use (tests/test_cache*.py turn ASYNCHRORMOUS["CACHE"]
-# on). Keys get this run's own prefix: parallel tox envs share one Redis.
-CACHE_RUN = f"{SUFFIX}-{os.getpid()}"
+# The caches the caching tests use: tests/cache_helpers.py turn_on() points them at
+# their servers and turns ASYNCHRORMOUS["CACHE"] on.
 CACHES = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-    "redis": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": "redis://127.0.0.1:6379/0",
-        "KEY_PREFIX": CACHE_RUN,
-        "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
-    },
-    "locmem": {
-        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-        "LOCATION": "asynchrormous-tests",
-    },
+    "redis": {"BACKEND": "django.core.cache.backends.redis.RedisCache"},
+    "memcached": {"BACKEND": "django.core.cache.backends.memcached.PyMemcacheCache"},
+    "locmem": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
 }

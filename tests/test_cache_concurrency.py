@@ -21,6 +21,7 @@ from django.db.models import F
 
 from asynchrormous import cache as caching_module
 from asynchrormous.cachestore import current_store, database_id
+from tests.cache_helpers import recording, turn_on
 from tests.testapp.models import Book, Gauge
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -244,17 +245,16 @@ def test_randomised_readers_and_writers_never_read_a_stale_value(caching, rounds
     os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
     reason="an in-memory database lives in one process",
 )
-def test_two_processes_sharing_redis_see_each_others_invalidations(settings):
-    from tests.cache_helpers import recording, turn_on
-
-    turn_on(settings, "redis")
+@pytest.mark.parametrize("backend", ["redis", "memcached"])
+def test_two_processes_sharing_a_cache_see_each_others_invalidations(settings, backend):
+    turn_on(settings, backend)
     outcomes = recording()
     gauge = Gauge.fresh.create(name="shared", value=1)
     env = {
         **os.environ,
         "CACHE_PEER_DB": connection.settings_dict["NAME"],
-        "CACHE_PEER_PREFIX": django_settings.CACHES["redis"]["KEY_PREFIX"],
-        "CACHE_PEER_BACKEND": "redis",
+        "CACHE_PEER_BACKEND": backend,
+        "CACHE_PEER_LOCATION": django_settings.CACHES[backend]["LOCATION"],
     }
     peer = subprocess.Popen(
         [sys.executable, "-m", "tests.cache_peer"],
