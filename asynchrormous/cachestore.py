@@ -154,7 +154,10 @@ class Store:
         if not tables:
             return
         new = {self.generation_key(database, table): _token() for table in tables}
-        if self._call("set_many", new, timeout=None) is MISSING:
+        # set_many() answers the keys it could not set (memcached's client marks a
+        # server dead and skips it rather than raise).
+        failed = self._call("set_many", new, timeout=None)
+        if failed is MISSING or failed:
             with self._lock:
                 self._undelivered.setdefault(database, set()).update(tables)
 

@@ -12,7 +12,15 @@ BACKENDS = ["redis", "memcached", "locmem"]
 #: Bounds on every call to a cache server that stops answering (check W004).
 TIMEOUTS = {
     "redis": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
-    "memcached": {"timeout": 0.5, "connect_timeout": 0.5},
+    # pymemcache's HashClient answers nothing, without an error, for a while after
+    # a failure, then skips a dead server for dead_timeout: report each failure,
+    # and try it again at once (the library itself retries after RETRY).
+    "memcached": {
+        "timeout": 0.5,
+        "connect_timeout": 0.5,
+        "retry_attempts": 0,
+        "dead_timeout": 0,
+    },
 }
 
 

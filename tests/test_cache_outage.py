@@ -1,0 +1,105 @@
+"""A cache server that stops, or stops answering, costs cached reads nothing but
+their speed: they read the database, one warning is logged per outage, writes never
+fail, and an invalidation that could not be delivered is delivered before the
+process reads that table from the cache again."""
+
+import logging
+import os
+import signal
+
+import pytest
+from django.db import transaction
+
+from asynchrormous.cachestore import current_store
+from tests.cache_helpers import recording, turn_on
+from tests.cache_servers import memcached_fixture, redis_fixture  # noqa: F401
+from tests.testapp.models import Book
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 10
+
+
+@pytest.fixture(params=["redis", "memcached"])
+def server(request, settings):
+    """A disposable cache server of the test's own, with caching turned on in it."""
+    disposable = request.getfixturevalue(f"disposable_{request.param}")
+    turn_on(settings, request.param, disposable.location)
+    return disposable
+
+
+@pytest.fixture
+def outcomes():
+    recorded = recording()
+    yield recorded
+    recorded.stop()
+
+
+def count():
+    return Book.objects.cache().count()
+
+
+def retry_now():
+    """As if the store's pause after a failed call (RETRY) had passed."""
+    current_store()._down_until = 0.0
+
+
+def test_a_stopped_server_is_one_warning_and_reads_from_the_database(
+    books, server, outcomes, caplog
+):
+    assert count() == 6 and count() == 6
+    assert outcomes.take() == ["miss", "hit"]
+    server.stop()
+    with caplog.at_level(logging.DEBUG, logger="asynchrormous"):
+        for expected in (6, 5, 4):
+            assert count() == expected
+            Book.objects.filter(pk=Book.objects.order_by("pk")[0].pk).delete()
+            retry_now()
+    # The first read finds the server gone; the next ones owe it an invalidation.
+    assert outcomes.take() == ["miss", "bypass", "bypass"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage()
+    caplog.clear()
+    server.start()
+    retry_now()
+    with caplog.at_level(logging.INFO, logger="asynchrormous"):
+        assert count() == 3 and count() == 3
+    assert outcomes.take() == ["miss", "hit"]
+    (back,) = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert "answers again" in back.getMessage()
+
+
+@pytest.mark.parametrize("in_atomic", [False, True], ids=["autocommit", "atomic"])
+def test_an_invalidation_that_could_not_be_delivered_is_delivered_before_a_read(
+    books, server, outcomes, in_atomic
+):
+    """The server hangs (SIGSTOP) while a write commits: its invalidation cannot
+    be delivered, and the cached count survives in the server's memory. Once the
+    server answers again, this process delivers the invalidation before it reads
+    the table from the cache: never the stale count."""
+    assert count() == 6 and count() == 6
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        if in_atomic:
+            with transaction.atomic():
+                Book.objects.filter(pk=books[0].pk).delete()
+        else:
+            Book.objects.filter(pk=books[0].pk).delete()  # does not fail
+        assert count() == 5
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    retry_now()
+    assert count() == 5 and count() == 5
+    assert outcomes.take() == ["miss", "hit", "bypass", "miss", "hit"]
+
+
+def test_a_hanging_server_holds_a_read_for_its_socket_timeout_only(
+    books, server, outcomes
+):
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        assert count() == 6  # the client's 0.5 s timeout, then the database
+        assert count() == 6  # no call at all until RETRY has passed
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert outcomes.take() == ["miss", "miss"]
