@@ -38,6 +38,7 @@ from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE, MULTI, SINGL
 from . import invalidation
 from .cachestore import MISSING, Store, current_store, database_id
 from .conf import get_settings
+from .results import read_own_writes
 from .signals import cache_used
 from .sqltables import ALL, normalized, tables_in
 
@@ -219,6 +220,7 @@ class _Read:
         if not sql:
             return _execute_sql(compiler, self.result_type, False, self.chunk_size)
         connection = compiler.connection
+        read_own_writes(connection.alias)  # as a statement would, at its _Barrier
         tables = tables_in(sql) | {
             normalized(join.table_name) for join in compiler.query.alias_map.values()
         }

@@ -12,6 +12,8 @@ of a savepoint rolled back.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -82,9 +84,15 @@ def _defer(connection: Any, store: Store, tables: frozenset[str]) -> None:
 def written_in_transaction(connection: Any) -> set[str]:
     """The tables the connection's open transaction wrote, rollbacks left out."""
     if not connection.in_atomic_block:
-        return set()
+        return set(_manual(connection))
     written, _ = _ours(connection.run_on_commit)
     return set().union(*(entry.tables for entry in written))
+
+
+def _manual(connection: Any) -> set[str]:
+    """What a transaction managed by hand (``set_autocommit(False)``) wrote."""
+    written: set[str] = connection.__dict__.setdefault("_asynchrormous_written", set())
+    return written
 
 
 def _text(sql: Any, connection: Any) -> str | None:
@@ -111,10 +119,10 @@ def _after_statement(connection: Any, sql: Any) -> None:
         return
     if connection.in_atomic_block:
         _defer(connection, store, tables)
+    elif not connection.get_autocommit():
+        _manual(connection).update(tables)  # at commit(), never on rollback()
     else:
-        # Autocommit: the statement has committed. (Manual transaction management
-        # invalidates here too, before its commit: see the README.)
-        store.bump(database_id(connection), tables)
+        store.bump(database_id(connection), tables)  # it has committed
 
 
 def watch(
@@ -131,11 +139,86 @@ def watch(
 watch.on_every_connection = True  # type: ignore[attr-defined]
 
 
+class _Cursor:
+    """Mixed into Django's cursor wrappers: what writes past ``execute_wrappers``
+    (a procedure, psycopg's ``copy()``, sqlite3's ``executescript()``)."""
+
+    db: Any
+
+    def callproc(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().callproc(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            _after_statement(self.db, None)
+
+    def __getattr__(self, attr: str) -> Any:
+        value = super().__getattr__(attr)  # type: ignore[misc]
+        if attr == "executescript":
+            return functools.partial(self._executed, value)
+        if attr == "copy":
+            return functools.partial(self._copying, value)
+        return value
+
+    def _executed(self, method: Any, sql: Any, *args: Any) -> Any:
+        try:
+            return method(sql, *args)
+        finally:
+            _after_statement(self.db, None)  # several statements: anything
+
+    @contextlib.contextmanager
+    def _copying(self, method: Any, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with method(statement, *args, **kwargs) as copy:
+                yield copy
+        finally:
+            _after_statement(self.db, statement)
+
+
+_watched_cursors: dict[type, type] = {}
+
+
+def _watched_cursor(cls: type) -> type:
+    try:
+        return _watched_cursors[cls]
+    except KeyError:
+        return _watched_cursors.setdefault(cls, type(cls.__name__, (_Cursor, cls), {}))
+
+
 def _watch(connection: Any) -> None:
-    if watch not in connection.execute_wrappers:
-        # First, so that Django's execute_wrapper(), which pops the last wrapper
-        # when its block ends, never takes this one away.
-        connection.execute_wrappers.insert(0, watch)
+    if watch in connection.execute_wrappers:
+        return
+    # First, so that Django's execute_wrapper(), which pops the last wrapper when
+    # its block ends, never takes this one away.
+    connection.execute_wrappers.insert(0, watch)
+    methods = vars(connection)
+    for name in ("make_cursor", "make_debug_cursor"):
+        make = getattr(connection, name)
+
+        def watched(cursor: Any, make: Callable[..., Any] = make) -> Any:
+            wrapper = make(cursor)
+            wrapper.__class__ = _watched_cursor(type(wrapper))
+            return wrapper
+
+        methods[name] = watched
+    commit, rollback = connection.commit, connection.rollback
+
+    def committed() -> None:
+        commit()
+        written = _manual(connection)
+        if written:
+            tables = set(written)
+            written.clear()
+            store = current_store()
+            if store is not None:
+                store.bump(database_id(connection), tables)
+
+    def rolled_back() -> None:
+        try:
+            rollback()
+        finally:
+            _manual(connection).clear()
+
+    methods["commit"], methods["rollback"] = committed, rolled_back
 
 
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
@@ -156,3 +239,5 @@ def uninstall() -> None:
     for connection in connections.all(initialized_only=True):
         if watch in connection.execute_wrappers:
             connection.execute_wrappers.remove(watch)
+            for name in ("make_cursor", "make_debug_cursor", "commit", "rollback"):
+                vars(connection).pop(name, None)

@@ -44,6 +44,7 @@ __all__ = [
     "job_of",
     "lazy_result",
     "prerequisites",
+    "read_own_writes",
     "resolve",
     "submit",
     "track_pending",
@@ -581,6 +582,19 @@ class _Barrier:
             wrappers = connections[self.alias].execute_wrappers
             if self in wrappers:
                 wrappers.remove(self)
+
+
+def read_own_writes(alias: str) -> None:
+    """Wait for (or run) the caller's pending background writes on ``alias``.
+
+    What its ``_Barrier`` does before a statement, for a read answered without
+    one (from the cache).
+    """
+    if in_job():
+        return
+    for wrapper in list(connections[alias].execute_wrappers):
+        if isinstance(wrapper, _Barrier):
+            wrapper.drain(writes=False)
 
 
 def _is_read(sql: str) -> bool:

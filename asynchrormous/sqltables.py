@@ -31,10 +31,11 @@ _READS = frozenset(
 _WRITES = frozenset("INSERT UPDATE DELETE REPLACE MERGE COPY LOAD WITH".split())
 _HEAD = re.compile(r"\s*\(*\s*([A-Za-z]+)")
 _WRITE_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE|REPLACE)\b", re.IGNORECASE)
-# The table a write names: INSERT INTO t, UPDATE t, DELETE FROM t, MERGE INTO t, ...
+# A table a statement names: FROM t, JOIN t, INSERT INTO t, UPDATE t, COPY t, ...
 _NAME = r"[\"`\[]?[\w$]+[\"`\]]?"
-_TARGET = re.compile(
-    rf"\b(?:INTO|UPDATE|FROM|COPY|TABLE)\s+((?:{_NAME}\.)*{_NAME})", re.IGNORECASE
+_NAMED = re.compile(
+    rf"\b(?:FROM|JOIN|INTO|UPDATE|COPY|TABLE)\s+((?:{_NAME}\.)*{_NAME})",
+    re.IGNORECASE,
 )
 
 
@@ -59,11 +60,13 @@ def _known_tables() -> re.Pattern[str] | None:
 
 @functools.lru_cache(maxsize=4096)
 def tables_in(sql: str) -> frozenset[str]:
-    """The known tables ``sql`` names."""
+    """The tables ``sql`` names: every model's table it mentions anywhere (raw SQL
+    included), and any other table it names after FROM, JOIN, INTO, UPDATE, ..."""
     known = _known_tables()
-    if known is None:
-        return frozenset()
-    return frozenset(match.lower() for match in known.findall(sql))
+    found = {normalized(name) for name in _NAMED.findall(sql)}
+    if known is not None:
+        found.update(match.lower() for match in known.findall(sql))
+    return frozenset(found)
 
 
 def _models_changed(**kwargs: Any) -> None:
@@ -90,5 +93,4 @@ def written_tables(sql: str) -> frozenset[str] | None:
         return frozenset({ALL})
     if word == "WITH" and not _WRITE_WORD.search(sql):
         return None
-    targets = {normalized(name) for name in _TARGET.findall(sql)}
-    return tables_in(sql) | targets
+    return tables_in(sql)

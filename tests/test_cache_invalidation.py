@@ -11,10 +11,6 @@ so nothing another test (or another run on the same Redis) kept is ever seen.
 
 import asyncio
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -23,7 +19,6 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.conf import settings as django_settings
 from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 from django.db import connection, connections, transaction
@@ -50,13 +45,6 @@ from tests.testapp.models import (
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-#: The caches that processes share (a local-memory cache is one process's own).
-SHARED_BACKENDS = [
-    alias
-    for alias in BACKENDS
-    if not django_settings.CACHES[alias]["BACKEND"].endswith(".LocMemCache")
-]
 
 #: How a cached read is made: plainly, in the background, awaited.
 MODES = ["plain", "background", "await"]
@@ -910,16 +898,6 @@ def test_a_write_leaves_the_cached_reads_of_other_tables_alone(world, probe, mod
     warm.assert_still_cached()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "A caller's plain query waits for (or runs) its own pending background "
-        "writes first: results._Barrier, an execute wrapper. A cached read that hits "
-        "sends no statement, so it passes no barrier and answers the rows of before "
-        "the caller's own write, which runs only afterwards"
-    ),
-)
 def test_a_cached_read_after_the_callers_pending_background_write_reads_it(
     world, probe, settings
 ):
@@ -1154,15 +1132,6 @@ def test_a_statement_in_bytes_invalidates(world, probe, mode):
 
 
 @only_on["postgresql"]
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "psycopg's cursor.copy(), reached through Django's CursorWrapper.__getattr__, "
-        "sends COPY ... FROM STDIN without the connection's execute_wrappers, so "
-        "invalidation.watch never sees it (written_tables() would recognise COPY)"
-    ),
-)
 def test_copy_from_stdin_invalidates(world, probe, mode):
     warm = probe.warm(AUTHOR_NAMES, mode)
     with connection.cursor() as cursor:
@@ -1173,15 +1142,6 @@ def test_copy_from_stdin_invalidates(world, probe, mode):
 
 
 @only_on["sqlite"]
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "sqlite3's cursor.executescript(), reached through Django's "
-        "CursorWrapper.__getattr__, runs its statements without the connection's "
-        "execute_wrappers, so invalidation.watch never sees the UPDATE"
-    ),
-)
 def test_executescript_invalidates(world, probe, mode):
     warm = probe.warm(BOOK_PAGES, mode)
     with connection.cursor() as cursor:
@@ -1241,17 +1201,6 @@ def test_alter_table_invalidates_everything(world, probe, mode, scratch):
     assert probe.take() == ["miss"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "sqltables.tables_in() only finds the tables of Django's models in a read's "
-        "SQL, so a cached read of a table no model knows (here through a RawSQL "
-        "annotation) depends on none of it; a raw DELETE FROM that table, which "
-        "written_tables() does recognise (it names the table), bumps a generation "
-        "the read never looks at, and the old count is served as a hit"
-    ),
-)
 def test_a_raw_write_to_a_table_no_model_knows_invalidates_a_read_of_it(
     world, probe, mode, scratch
 ):
@@ -1285,20 +1234,7 @@ def test_a_call_of_a_procedure_invalidates_everything_mysql(world, probe, mode):
         raw("DROP PROCEDURE cw_touch")
 
 
-CALLPROC_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Django's CursorWrapper.callproc() calls the driver's callproc() directly, "
-        "without the connection's execute_wrappers, so invalidation.watch never "
-        "sees it: a procedure that writes leaves every cached result reachable "
-        "(a CALL sent through execute() invalidates everything)"
-    ),
-)
-
-
 @only_on["postgresql"]
-@CALLPROC_XFAIL
 def test_callproc_invalidates_everything_postgresql(world, probe, mode):
     raw(
         "CREATE FUNCTION cw_touch() RETURNS void LANGUAGE sql AS "
@@ -1314,7 +1250,6 @@ def test_callproc_invalidates_everything_postgresql(world, probe, mode):
 
 
 @only_on["mysql"]
-@CALLPROC_XFAIL
 def test_callproc_invalidates_everything_mysql(world, probe, mode):
     raw("CREATE PROCEDURE cw_touch() UPDATE testapp_book SET pages = pages + 1")
     try:
@@ -1461,17 +1396,6 @@ def test_a_manual_transaction_invalidates_at_commit(world, probe):
     warm.assert_invalidated()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Outside atomic() (set_autocommit(False)), invalidation._after_statement "
-        "bumps the generations when the statement runs, before the commit: a "
-        "reader on another connection meanwhile misses, reads the committed (old) "
-        "rows and keeps them under the new generations, which the commit does not "
-        "replace, so the old rows are served as a hit after the commit"
-    ),
-)
 def test_a_manual_transaction_read_by_another_thread_before_its_commit(world, probe):
     warm = probe.warm(BOOK_PAGES)
     transaction.set_autocommit(False)
@@ -1559,49 +1483,3 @@ async def test_a_failing_on_commit_callback_of_an_async_block_does_not_prevent_i
             await on_commit(boom)
             await Book.objects.filter(title="Book 0").aupdate(pages=1)
     await warm.aassert_invalidated()
-
-
-# -- Other processes ----------------------------------------------------------------
-
-CHILD = """
-import json, sys
-import django
-from django.conf import settings
-
-given = json.loads(sys.argv[1])
-settings.DATABASES["default"]["NAME"] = given["database"]
-settings.CACHES[given["cache"]]["KEY_PREFIX"] = given["key_prefix"]
-settings.ASYNCHRORMOUS = given["asynchrormous"]
-django.setup()
-from tests.testapp.models import Book
-
-print(Book.objects.filter(title="Book 0").update(pages=1))
-"""
-
-
-@pytest.mark.parametrize("cache_alias", SHARED_BACKENDS, indirect=True)
-def test_a_write_in_another_process_invalidates_this_one_s_cached_reads(
-    world, probe, cache_alias
-):
-    warm = probe.warm(BOOK_PAGES)
-    given = {
-        "database": connection.settings_dict["NAME"],  # the test database
-        "cache": cache_alias,
-        "key_prefix": django_settings.CACHES[cache_alias].get("KEY_PREFIX", ""),
-        "asynchrormous": django_settings.ASYNCHRORMOUS,
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(given)],
-        env={
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONPATH": os.pathsep.join(sys.path),
-        },
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-    assert child.stdout.strip() == "1"
-    warm.assert_invalidated()
