@@ -16,6 +16,7 @@ that process, until it has delivered the invalidation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -23,7 +24,7 @@ import pickle
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.core.cache import caches
@@ -32,7 +33,15 @@ from django.core.signals import setting_changed
 from .conf import get_settings
 from .sqltables import ALL
 
-__all__ = ["MISSING", "RETRY", "Store", "current_store", "database_id"]
+__all__ = [
+    "MISSING",
+    "RETRY",
+    "Store",
+    "calling_the_cache",
+    "current_store",
+    "database_id",
+    "in_a_cache_call",
+]
 
 logger = logging.getLogger("asynchrormous")
 
@@ -53,6 +62,25 @@ def database_id(connection: Any) -> str:
     if connection.vendor == "sqlite" and connection.is_in_memory_db():
         parts.append(os.getpid())
     return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
+
+_calling = threading.local()
+
+
+@contextlib.contextmanager
+def calling_the_cache() -> Iterator[None]:
+    """While the cache itself runs statements (Django's DatabaseCache): they are
+    the cache's own, and invalidate nothing."""
+    outer = getattr(_calling, "active", False)
+    _calling.active = True
+    try:
+        yield
+    finally:
+        _calling.active = outer
+
+
+def in_a_cache_call() -> bool:
+    return getattr(_calling, "active", False)
 
 
 def _token() -> str:
@@ -132,7 +160,8 @@ class Store:
         if not self.available():
             return MISSING
         try:
-            result = getattr(caches[self.alias], method)(*args, **kwargs)
+            with calling_the_cache():
+                result = getattr(caches[self.alias], method)(*args, **kwargs)
         except Exception as exc:
             self._failed(exc)
             return MISSING
@@ -216,7 +245,8 @@ class Store:
         if not self.available():
             return
         try:
-            caches[self.alias].set(key, (generations, value), timeout=timeout)
+            with calling_the_cache():
+                caches[self.alias].set(key, (generations, value), timeout=timeout)
         except Exception as exc:
             logger.debug("Cache %r did not keep a result: %r", self.alias, exc)
 

@@ -20,7 +20,7 @@ from typing import Any
 from django.db import connections
 from django.db.backends.signals import connection_created
 
-from .cachestore import Store, current_store, database_id
+from .cachestore import Store, current_store, database_id, in_a_cache_call
 from .sqltables import ALL, written_tables
 
 __all__ = ["install", "uninstall", "written_in_transaction"]
@@ -111,7 +111,7 @@ def _text(sql: Any, connection: Any) -> str | None:
 
 def _after_statement(connection: Any, sql: Any) -> None:
     store = current_store()
-    if store is None:
+    if store is None or in_a_cache_call():
         return
     text = _text(sql, connection)
     tables = written_tables(text) if text is not None else frozenset({ALL})

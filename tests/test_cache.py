@@ -4,6 +4,7 @@ import re
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
 from django.db import connection, transaction
 from django.db.models import Count, Max, Sum
 from django.test.utils import CaptureQueriesContext, override_settings
@@ -12,6 +13,7 @@ from asynchrormous import AsyncManager, resolve, wait
 from asynchrormous.cache import invalidate, uncached
 from asynchrormous.checks import cache_messages, check_cache
 from asynchrormous.conf import get_settings
+from tests.cache_helpers import recording, turn_on
 from tests.helpers import ran_in_background
 from tests.testapp.models import Author, Book, Gauge, GaugeReading
 
@@ -261,3 +263,55 @@ def test_a_per_process_cache_and_missing_socket_timeouts_are_warned():
         "OPTIONS": {"timeout": 0.25, "connect_timeout": 0.25},
     }
     assert cache_messages("c", memcached) == []
+
+
+@pytest.fixture
+def database_cache(settings):
+    """Caching on in Django's DatabaseCache, a table of the test database."""
+    settings.CACHES = {
+        **settings.CACHES,
+        "db": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "asynchrormous_test_cache",
+        },
+    }
+    call_command("createcachetable", "asynchrormous_test_cache", verbosity=0)
+    settings.ASYNCHRORMOUS = {"WORKERS": 2, "TIMEOUT": 30.0, "CACHE": "db"}
+    invalidate()
+    outcomes = recording()
+    yield outcomes
+    outcomes.stop()
+
+
+def test_the_database_cache_keeps_results_and_its_own_writes_invalidate_nothing(
+    books, database_cache
+):
+    qs = Book.objects.cache().filter(pages__gt=120)
+    assert qs.count() == 3 and qs.count() == 3  # its SQL writes are the cache's
+    Book.objects.filter(pk=books[-1].pk).update(pages=1)
+    assert qs.count() == 2 and qs.count() == 2
+    with transaction.atomic():
+        assert qs.count() == 2
+        Book.objects.filter(pk=books[-2].pk).update(pages=1)
+        assert qs.count() == 1
+    assert qs.count() == 1
+    assert database_cache.take() == [
+        *("miss", "hit", "miss", "hit"),
+        *("hit", "bypass", "miss"),
+    ]
+
+
+def test_the_readmes_caching_example(books, settings):
+    turn_on(settings, "redis")
+    outcomes = recording()
+    try:
+        n = Book.objects.cache().filter(year__gte=1993).count()  # the database
+        n = Book.objects.cache().filter(year__gte=1993).count()  # from the cache
+        assert n == 3
+        Book.objects.filter(pk=books[0].pk).update(year=2001)  # drops the count
+        assert Book.objects.cache().filter(year__gte=1993).count() == 4
+        top = list(Book.objects.cache(timeout=60).order_by("-pages")[:10])
+        assert [b.pk for b in top] == [b.pk for b in reversed(books)]
+        assert outcomes.take() == ["miss", "hit", "miss", "miss"]
+    finally:
+        outcomes.stop()
