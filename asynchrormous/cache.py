@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -36,7 +37,7 @@ from django.db.models.sql.compiler import (
 from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE, MULTI, SINGLE
 
 from . import invalidation
-from .cachestore import MISSING, Store, current_store, database_id
+from .cachestore import MISSING, Found, Store, current_store, database_id
 from .conf import get_settings
 from .results import read_own_writes
 from .signals import cache_used
@@ -56,6 +57,12 @@ _reading: ContextVar[float | None] = ContextVar("asynchrormous_cache", default=N
 _disabled: ContextVar[bool] = ContextVar("asynchrormous_uncached", default=False)
 
 _WRITE_COMPILERS = (SQLInsertCompiler, SQLUpdateCompiler, SQLDeleteCompiler)
+
+#: Seconds a query must have taken for a miss of it to be shared across processes
+#: (a lock in the cache); cheaper ones cost less to run than to coordinate.
+SHARED_MISS_AFTER = 0.05
+# What the process running a shared miss spends on the cache, besides its query.
+_ROUND_TRIPS = 0.05
 
 
 def check_timeout(timeout: Any) -> None:
@@ -149,7 +156,7 @@ _install_lock = threading.Lock()
 
 # Reads of one key under one snapshot that are running in this process: the
 # first runs the query, the others wait for its rows (no dog-pile).
-_flights: dict[tuple[str, tuple[Any, ...]], concurrent.futures.Future[Any]] = {}
+_flights: dict[tuple[str, Any], concurrent.futures.Future[Any]] = {}
 _flights_lock = threading.Lock()
 
 
@@ -236,25 +243,31 @@ class _Read:
         key = store.entry_key(database, (sql, params, self.result_type, trimmed))
         if key is None:
             return self._report("bypass", sql, tables, self.run())
-        value, generations = store.lookup(key, store.generation_keys(database, tables))
-        if value is not MISSING:
-            return self._report("hit", sql, tables, value)
-        if generations is None or in_transaction:
+        generation_keys = store.generation_keys(database, tables)
+        found = store.lookup(key, generation_keys)
+        if found.value is not MISSING:
+            return self._report("hit", sql, tables, found.value)
+        if found.generations is None or in_transaction:
             # No snapshot to store under; or a transaction's snapshot, which may
             # be older than the generations just read (REPEATABLE READ).
             return self._report("miss", sql, tables, self.run())
-        value = self._once(store, key, generations, timeout)
-        return self._report("miss", sql, tables, value)
+        outcome, value = self._once(store, key, generation_keys, found, timeout)
+        return self._report(outcome, sql, tables, value)
 
     def _once(
-        self, store: Store, key: str, generations: tuple[Any, ...], timeout: float
-    ) -> Any:
+        self,
+        store: Store,
+        key: str,
+        generation_keys: list[str],
+        found: Found,
+        timeout: float,
+    ) -> tuple[str, Any]:
         """The rows, from this process's one query of this key and snapshot.
 
         The others wait for the first one's rows. It stores them before it lets
         go, so that a reader arriving later finds either it or the stored rows.
         """
-        flight = (key, generations)
+        flight = (key, found.generations)
         with _flights_lock:
             future = _flights.get(flight)
             leader = future is None
@@ -262,21 +275,56 @@ class _Read:
                 future = _flights[flight] = concurrent.futures.Future()
         if not leader:
             try:
-                return future.result(get_settings().timeout)
+                return "miss", future.result(get_settings().timeout)
             except Exception:  # the leader failed or is late: ask the database
-                return self.run()
+                return "miss", self.run()
         try:
-            value = self.run()
-            store.store(key, generations, value, timeout)
+            outcome, value = self._across_processes(
+                store, key, generation_keys, found, timeout
+            )
         except BaseException as exc:
             future.set_exception(exc)
             raise
         else:
             future.set_result(value)
-            return value
+            return outcome, value
         finally:
             with _flights_lock:
                 del _flights[flight]
+
+    def _across_processes(
+        self,
+        store: Store,
+        key: str,
+        generation_keys: list[str],
+        found: Found,
+        timeout: float,
+    ) -> tuple[str, Any]:
+        """Run the query and keep its rows, unless another process is running it.
+
+        Only a query that took SHARED_MISS_AFTER seconds or more last time is
+        worth a lock in the cache; a process that finds it taken waits for the
+        other's rows as long as the query took then, and reads the database if
+        they do not come.
+        """
+        cost = found.cost
+        claimed = False
+        if cost is not None and cost >= SHARED_MISS_AFTER:
+            claimed = store.claim(key, cost)
+            if not claimed:
+                value = store.wait_for(key, generation_keys, found, cost + _ROUND_TRIPS)
+                if value is not MISSING:
+                    return "hit", value
+        try:
+            started = time.perf_counter()
+            value = self.run()
+            cost = time.perf_counter() - started
+            assert found.generations is not None
+            store.store(key, found.generations, value, timeout, cost)
+            return "miss", value
+        finally:
+            if claimed:
+                store.release(key)
 
     def _report(
         self, outcome: str, sql: str, tables: frozenset[str], value: Any

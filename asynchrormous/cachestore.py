@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.core.cache import caches
 from django.core.signals import setting_changed
@@ -36,6 +36,7 @@ from .sqltables import ALL
 __all__ = [
     "MISSING",
     "RETRY",
+    "Found",
     "Store",
     "calling_the_cache",
     "current_store",
@@ -81,6 +82,17 @@ def calling_the_cache() -> Iterator[None]:
 
 def in_a_cache_call() -> bool:
     return getattr(_calling, "active", False)
+
+
+class Found(NamedTuple):
+    """What ``Store.lookup`` found: ``value`` (MISSING unless kept under the
+    current generations), ``generations`` (the snapshot to keep a new value under;
+    None when the cache is unavailable: keep nothing) and ``cost`` (the seconds
+    the query took when it was last kept, whatever its generations)."""
+
+    value: Any
+    generations: tuple[Any, ...] | None
+    cost: float | None
 
 
 def _token() -> str:
@@ -201,44 +213,69 @@ class Store:
             return False
         return ALL in pending or not pending.isdisjoint(tables)
 
-    def lookup(self, key: str, generation_keys: list[str]) -> tuple[Any, Any]:
-        """``(entry, generations)`` in one round trip.
+    def lookup(self, key: str, generation_keys: list[str]) -> Found:
+        """The entry under ``key`` and the current generations, in one round trip.
 
-        ``entry`` is the cached value if it was stored under exactly the current
-        generations, else MISSING; ``generations`` is the snapshot to store a new
-        value under (None when the cache is unavailable: store nothing).
         Generations that do not exist yet are created here.
         """
         found = self._call("get_many", [key, *generation_keys])
         if found is MISSING:
-            return MISSING, None
+            return Found(MISSING, None, None)
         absent = [k for k in generation_keys if k not in found]
         if absent:
             for k in absent:
                 token = _token()
                 added = self._call("add", k, token, timeout=None)
                 if added is MISSING:
-                    return MISSING, None
+                    return Found(MISSING, None, None)
                 if not added:  # created meanwhile by another reader or a writer
                     token = self._call("get", k)
                     if token is None or token is MISSING:
-                        return MISSING, None
+                        return Found(MISSING, None, None)
                 found[k] = token
         generations = tuple(found[k] for k in generation_keys)
-        entry = found.get(key, MISSING)
-        if (
-            entry is not MISSING
-            and isinstance(entry, tuple)
-            and len(entry) == 2
-            and entry[0] == generations
-        ):
-            return entry[1], generations
-        return MISSING, generations
+        entry = found.get(key)
+        if not (isinstance(entry, tuple) and len(entry) == 3):
+            return Found(MISSING, generations, None)  # none, or not one of ours
+        stored_under, cost, value = entry
+        if stored_under != generations:
+            return Found(MISSING, generations, cost)
+        return Found(value, generations, cost)
+
+    def claim(self, key: str, seconds: float) -> bool:
+        """Whether this process may run the query of ``key`` now: no other process
+        is running it (a short lock in the cache), or the cache cannot tell."""
+        added = self._call("add", f"{key}:lock", 1, timeout=max(1, round(seconds * 2)))
+        return added is MISSING or bool(added)
+
+    def release(self, key: str) -> None:
+        self._call("delete", f"{key}:lock")
+
+    def wait_for(
+        self, key: str, generation_keys: list[str], found: Found, seconds: float
+    ) -> Any:
+        """The rows another process is reading under ``found``'s generations, once
+        it has kept them: at most ``seconds`` (then MISSING, as when the
+        generations change meanwhile: the caller then reads the database)."""
+        deadline = time.monotonic() + seconds
+        pause = min(seconds / 10, 0.01)
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            now = self.lookup(key, generation_keys)
+            if now.value is not MISSING or now.generations != found.generations:
+                return now.value
+        return MISSING
 
     def store(
-        self, key: str, generations: tuple[Any, ...], value: Any, timeout: float
+        self,
+        key: str,
+        generations: tuple[Any, ...],
+        value: Any,
+        timeout: float,
+        cost: float,
     ) -> None:
-        """Keep ``value`` under the generations it was read under.
+        """Keep ``value`` under the generations it was read under, with the
+        seconds its query took (a later miss knows what waiting for it is worth).
 
         A refusal (a value too large for memcached) is no outage: nothing is kept.
         """
@@ -246,7 +283,7 @@ class Store:
             return
         try:
             with calling_the_cache():
-                caches[self.alias].set(key, (generations, value), timeout=timeout)
+                caches[self.alias].set(key, (generations, cost, value), timeout=timeout)
         except Exception as exc:
             logger.debug("Cache %r did not keep a result: %r", self.alias, exc)
 

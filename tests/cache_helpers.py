@@ -78,3 +78,16 @@ def recording():
     cache_used.connect(outcomes.record, weak=False)
     outcomes.stop = lambda: cache_used.disconnect(outcomes.record)
     return outcomes
+
+
+def slow_values(pk, seconds):
+    """A cached read of a Gauge's value that takes ``seconds`` on the server."""
+    from tests.helpers import sleep_expr
+    from tests.testapp.models import Gauge
+
+    rows = (
+        Gauge.objects.annotate(nap=sleep_expr(seconds))
+        .filter(pk=pk)
+        .values_list("value", "nap")  # selected, so that the server sleeps
+    )
+    return [value for value, _ in rows]

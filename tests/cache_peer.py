@@ -5,8 +5,10 @@ CACHE_PEER_DB (the test database's NAME), CACHE_PEER_BACKEND and
 CACHE_PEER_LOCATION (the test's cache server). Reads commands on stdin, one per
 line, and answers one JSON line each:
 
+    ping               -> {"pong": true}  (ready)
     read <pk>          -> {"value": <Gauge value, cached>, "outcome": "hit"|...}
     write <pk> <value> -> {"written": 1}
+    slow <pk> <seconds> -> {"value": [<values>], "outcome": [...], "selects": <n>}
 """
 
 import json
@@ -28,17 +30,39 @@ import django  # noqa: E402
 
 django.setup()
 
-from tests.cache_helpers import recording  # noqa: E402
+from django.db import connection  # noqa: E402
+
+from tests.cache_helpers import recording, slow_values  # noqa: E402
 from tests.testapp.models import Gauge  # noqa: E402
+
+
+def counting(selects):
+    def wrapper(execute, sql, params, many, context):
+        if "testapp_gauge" in sql:  # not a new connection's own set-up
+            selects.append(sql)
+        return execute(sql, params, many, context)
+
+    return wrapper
 
 
 def main():
     outcomes = recording()
     for line in sys.stdin:
         command, *args = line.split()
-        if command == "read":
+        if command == "ping":
+            answer = {"pong": True}
+        elif command == "read":
             value = Gauge.objects.get(pk=int(args[0])).value
             answer = {"value": value, "outcome": outcomes.take()}
+        elif command == "slow":
+            selects = []
+            with connection.execute_wrapper(counting(selects)):
+                value = slow_values(int(args[0]), float(args[1]))
+            answer = {
+                "value": value,
+                "outcome": outcomes.take(),
+                "selects": len(selects),
+            }
         elif command == "write":
             written = Gauge.fresh.filter(pk=int(args[0])).update(value=int(args[1]))
             answer = {"written": written}

@@ -20,8 +20,9 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from asynchrormous import cache as caching_module
+from asynchrormous.cache import invalidate
 from asynchrormous.cachestore import current_store, database_id
-from tests.cache_helpers import recording, turn_on
+from tests.cache_helpers import recording, slow_values, turn_on
 from tests.testapp.models import Book, Gauge
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,11 +52,11 @@ def held_before_storing(thread_name, read_done, go_on):
     and is about to keep them: it waits there for ``go_on``."""
     store = current_store()
 
-    def store_then(key, generations, value, timeout):
+    def store_then(key, generations, value, timeout, cost):
         if threading.current_thread().name == thread_name:
             read_done.set()
             assert go_on.wait(TIMEOUT)
-        return type(store).store(store, key, generations, value, timeout)
+        return type(store).store(store, key, generations, value, timeout, cost)
 
     store.store = store_then
     try:
@@ -241,35 +242,90 @@ def test_randomised_readers_and_writers_never_read_a_stale_value(caching, rounds
     assert "hit" in outcomes and "miss" in outcomes
 
 
-@pytest.mark.skipif(
+class Peer:
+    """Another process on the test's database and cache (tests/cache_peer.py)."""
+
+    def __init__(self, backend):
+        env = {
+            **os.environ,
+            "CACHE_PEER_DB": connection.settings_dict["NAME"],
+            "CACHE_PEER_BACKEND": backend,
+            "CACHE_PEER_LOCATION": django_settings.CACHES[backend]["LOCATION"],
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.cache_peer"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=django_settings.BASE_DIR,
+        )
+
+    def send(self, command):
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def answer(self):
+        return json.loads(self.process.stdout.readline())
+
+    def ask(self, command):
+        self.send(command)
+        return self.answer()
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(TIMEOUT)
+        self.process.stdout.close()
+
+
+in_one_process_only = pytest.mark.skipif(
     os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
     reason="an in-memory database lives in one process",
 )
+
+
+@in_one_process_only
+@pytest.mark.parametrize("backend", ["redis", "memcached"])
+def test_a_slow_query_missed_by_two_processes_at_once_runs_once(settings, backend):
+    """The query took 0.3 s when it was last kept; this process is running it
+    again (it holds the cache's lock) when another process misses it too: that
+    one waits for the rows, and sends no statement."""
+    turn_on(settings, backend)
+    gauge = Gauge.fresh.create(name="slow", value=5)
+    slow = f"slow {gauge.pk} 0.3"
+    assert slow_values(gauge.pk, 0.3) == [5]  # kept, with what it cost
+    invalidate(Gauge)
+    executing = threading.Event()
+
+    def marking(execute, sql, params, many, context):
+        executing.set()
+        return execute(sql, params, many, context)
+
+    def leader():
+        with connection.execute_wrapper(marking):
+            return slow_values(gauge.pk, 0.3)
+
+    peer = Peer(backend)
+    try:
+        assert peer.ask("ping") == {"pong": True}  # set up, before the leader runs
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(closing(leader))
+            assert executing.wait(TIMEOUT)
+            answer = peer.ask(slow)
+            assert running.result(TIMEOUT) == [5]
+    finally:
+        peer.close()
+    assert answer == {"value": [5], "outcome": ["hit"], "selects": 0}
+
+
+@in_one_process_only
 @pytest.mark.parametrize("backend", ["redis", "memcached"])
 def test_two_processes_sharing_a_cache_see_each_others_invalidations(settings, backend):
     turn_on(settings, backend)
     outcomes = recording()
     gauge = Gauge.fresh.create(name="shared", value=1)
-    env = {
-        **os.environ,
-        "CACHE_PEER_DB": connection.settings_dict["NAME"],
-        "CACHE_PEER_BACKEND": backend,
-        "CACHE_PEER_LOCATION": django_settings.CACHES[backend]["LOCATION"],
-    }
-    peer = subprocess.Popen(
-        [sys.executable, "-m", "tests.cache_peer"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=django_settings.BASE_DIR,
-    )
-
-    def ask(command):
-        peer.stdin.write(command + "\n")
-        peer.stdin.flush()
-        return json.loads(peer.stdout.readline())
-
+    peer = Peer(backend)
+    ask = peer.ask
     try:
         assert Gauge.objects.get(pk=gauge.pk).value == 1  # this process caches it
         assert ask(f"read {gauge.pk}") == {"value": 1, "outcome": ["hit"]}
@@ -279,8 +335,6 @@ def test_two_processes_sharing_a_cache_see_each_others_invalidations(settings, b
         Gauge.fresh.filter(pk=gauge.pk).update(value=3)  # this process writes
         assert ask(f"read {gauge.pk}") == {"value": 3, "outcome": ["miss"]}
     finally:
-        peer.stdin.close()
-        peer.wait(TIMEOUT)
-        peer.stdout.close()
+        peer.close()
         outcomes.stop()
     assert outcomes.take() == ["miss", "miss"]

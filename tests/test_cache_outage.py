@@ -6,6 +6,7 @@ process reads that table from the cache again."""
 import logging
 import os
 import signal
+import threading
 
 import pytest
 from django.db import transaction
@@ -37,6 +38,18 @@ def outcomes():
 
 def count():
     return Book.objects.cache().count()
+
+
+def paused(server):
+    """SIGSTOP the server, and return once it is stopped (kill() only queues it)."""
+    os.kill(server.process.pid, signal.SIGSTOP)
+    stat = f"/proc/{server.process.pid}/stat"
+    for _ in range(TIMEOUT * 100):  # bounded: until the kernel has stopped it
+        with open(stat) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        threading.Event().wait(0.01)
+    pytest.fail(f"{server.name} did not stop")
 
 
 def retry_now():
@@ -78,7 +91,7 @@ def test_an_invalidation_that_could_not_be_delivered_is_delivered_before_a_read(
     server answers again, this process delivers the invalidation before it reads
     the table from the cache: never the stale count."""
     assert count() == 6 and count() == 6
-    os.kill(server.process.pid, signal.SIGSTOP)
+    paused(server)
     try:
         if in_atomic:
             with transaction.atomic():
@@ -96,7 +109,7 @@ def test_an_invalidation_that_could_not_be_delivered_is_delivered_before_a_read(
 def test_a_hanging_server_holds_a_read_for_its_socket_timeout_only(
     books, server, outcomes
 ):
-    os.kill(server.process.pid, signal.SIGSTOP)
+    paused(server)
     try:
         assert count() == 6  # the client's 0.5 s timeout, then the database
         assert count() == 6  # no call at all until RETRY has passed
