@@ -24,6 +24,8 @@ from typing import TypeVar
 
 import pytest
 
+from tests.debian import debian_program
+
 REDIS = ("127.0.0.1", 6379)
 # Exactly what .ci/run runs when the shared Redis is down.
 REDIS_SERVER = [
@@ -211,24 +213,7 @@ MEMCACHED_UNAVAILABLE = (
 
 def memcached_binary() -> str:
     """The memcached executable, installed with apt-get when missing and root."""
-    found = shutil.which("memcached") or (
-        DEBIAN_MEMCACHED if os.path.exists(DEBIAN_MEMCACHED) else None
-    )
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        # Another tox env may be installing it at the same time: wait for dpkg's lock.
-        wait = ["-o", "DPkg::Lock::Timeout=300"]
-        for command in (["update", "-qq"], ["install", "-y", "-qq", "memcached"]):
-            subprocess.run(
-                ["apt-get", *wait, *command],
-                env=env,
-                check=False,
-                timeout=600,
-                capture_output=True,
-            )
-        found = shutil.which("memcached") or (
-            DEBIAN_MEMCACHED if os.path.exists(DEBIAN_MEMCACHED) else None
-        )
+    found = debian_program("memcached", "memcached", DEBIAN_MEMCACHED)
     if found is None:
         raise Unavailable(MEMCACHED_UNAVAILABLE)
     return found

@@ -23,31 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.debian import debian_program
+
 SERVER = ("127.0.0.1", 5432)
 DEBIAN_BINARY = "/usr/sbin/pgbouncer"
 
 
 def binary() -> str | None:
     """The pgbouncer executable, installed with apt-get when missing and root."""
-    found = shutil.which("pgbouncer") or (
-        DEBIAN_BINARY if os.path.exists(DEBIAN_BINARY) else None
-    )
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Another tox env may be installing it at the same time: wait for dpkg's lock.
-    wait = ["-o", "DPkg::Lock::Timeout=300"]
-    for command in (["update", "-qq"], ["install", "-y", "-qq", "pgbouncer"]):
-        subprocess.run(
-            ["apt-get", *wait, *command],
-            env=env,
-            check=False,
-            timeout=600,
-            capture_output=True,
-        )
-    return shutil.which("pgbouncer") or (
-        DEBIAN_BINARY if os.path.exists(DEBIAN_BINARY) else None
-    )
+    return debian_program("pgbouncer", "pgbouncer", DEBIAN_BINARY)
 
 
 UNAVAILABLE = (
