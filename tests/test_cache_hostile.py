@@ -9,6 +9,7 @@ events inside the statements themselves; waits are bounded, never sleeps.
 import concurrent.futures
 import contextlib
 import json
+import logging
 import math
 import os
 import select
@@ -151,7 +152,10 @@ def other_namespace():
     "(PostgreSQL SET search_path, as django-tenants does on every request; MariaDB "
     "USE) sends the same SQL text, and the entry key is only database_id() (vendor, "
     "HOST, PORT, NAME) + SQL + params, so the public schema's cached rows answer "
-    "the tenant's read. cachestore.database_id() must include the session's "
+    "the tenant's read (PostgreSQL: SET is a _READS word, nothing is bumped), and "
+    "the tenant's rows, stored under the same key, answer another connection's "
+    "read of the default namespace (MariaDB: USE bumps everything, then the "
+    "tenant's miss is stored). cachestore.database_id() must include the session's "
     "namespace (current_schemas(true) / DATABASE()), or such connections must not "
     "be cached.",
 )
@@ -165,10 +169,13 @@ def test_a_connection_that_switched_namespace_is_not_served_the_others_rows(
     try:
         assert Author.objects.count() == 0  # the other namespace's table: empty
         tenant = Author.objects.cache().count()
+        # Another connection, still in the default namespace, meanwhile.
+        default = in_another_thread(lambda: Author.objects.cache().count())
     finally:
         raw(back)
-    assert cached.take() == ["miss", "hit"]
-    assert tenant == 0, "the default namespace's cached count answered the other's"
+    assert (tenant, default) == (0, 1), (
+        f"one namespace's rows answered the other's: {cached.take()}"
+    )
 
 
 @pytest.fixture
@@ -417,7 +424,7 @@ def test_guard_comments_lowercase_and_ctes_before_a_write_invalidate(cached, boo
             "/* hint */ UPDATE testapp_book SET pages = %s WHERE id = %s",
             "-- note\nupdate testapp_book set pages = %s where id = %s",
             "with x as (select 1) update testapp_book set pages = %s where id = %s",
-        ]
+        ][: 2 if VENDOR == "mysql" else 3]  # MariaDB has no WITH before UPDATE
     ):
         assert pages_of(book.pk) == (book.pages if n == 0 else 500 + n - 1)
         raw(sql, [500 + n, book.pk])
@@ -759,22 +766,46 @@ def test_a_cache_restored_from_a_snapshot_serves_no_pre_write_rows(
     assert after == 999, f"stale after the restart: {seen}"
 
 
-def test_guard_a_foreign_value_under_an_entry_or_generation_key_is_a_miss(
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="One unreadable entry is taken for an outage of the whole cache: "
+    "Store._call() catches every exception of get_many(), the UnpicklingError of a "
+    "single value (another program's key, a pickle of a class a deploy renamed) "
+    "included, logs 'Cache is unavailable', and leaves the cache alone for RETRY: "
+    "no read of any table is cached, and every write in that window is not "
+    "delivered (stale in other processes, see above). After RETRY the same key "
+    "fails again, for ever: the entry is never replaced. Tell a value that cannot "
+    "be loaded (a miss, overwritten by the next store) from a server that does not "
+    "answer.",
+)
+def test_an_unreadable_entry_is_a_miss_not_an_outage(cached, books, caplog):
+    book = books[0]
+    assert pages_of(book.pk) == book.pages
+    store = current_store()
+    backend = caches[store.alias]
+    client = backend._cache.get_client(write=True)
+    (entry,) = client.scan_iter(match=backend.make_key(f"{store.prefix}:r:") + "*")
+    client.set(entry, b"not a pickle")  # another program wrote this key
+    cached.take()
+    with caplog.at_level(logging.WARNING, logger="asynchrormous"):
+        assert pages_of(book.pk) == book.pages
+        assert pages_of(book.pk) == book.pages
+    warnings = [r.getMessage() for r in caplog.records]
+    assert (warnings, cached.take()) == ([], ["miss", "hit"])
+
+
+def test_guard_a_generation_another_program_overwrote_is_never_an_old_one(
     cached, books
 ):
     book = books[0]
     assert pages_of(book.pk) == book.pages
     store = current_store()
-    backend = caches[store.alias]
     generation = store.generation_key(database_id(connection), "testapp_book")
-    client = backend._cache.get_client(write=True)
-    prefix = backend.make_key(f"{store.prefix}:r:")
-    (entry,) = [k for k in client.scan_iter(match=prefix + "*")]
-    client.set(entry, b"not a pickle")  # another program wrote this key
-    with contextlib.suppress(Exception):
-        assert pages_of(book.pk) == book.pages
-    backend.set(generation, None)
+    caches[store.alias].set(generation, None)  # another program wrote this key
     Book.objects.filter(pk=book.pk).update(pages=7)
+    assert pages_of(book.pk) == 7
+    caches[store.alias].set(generation, 12345)
     assert pages_of(book.pk) == 7
 
 
