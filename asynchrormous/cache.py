@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -37,11 +39,18 @@ from django.db.models.sql.compiler import (
 from django.db.models.sql.constants import GET_ITERATOR_CHUNK_SIZE, MULTI, SINGLE
 
 from . import invalidation
-from .cachestore import MISSING, Found, Store, current_store, database_id
+from .cachestore import (
+    MISSING,
+    Found,
+    Store,
+    current_store,
+    database_id,
+    session_id,
+)
 from .conf import get_settings
 from .results import read_own_writes
 from .signals import cache_used
-from .sqltables import ALL, normalized, tables_in
+from .sqltables import ALL, normalized, tables_in, volatile
 
 __all__ = [
     "check_timeout",
@@ -68,7 +77,7 @@ _ROUND_TRIPS = 0.05
 def check_timeout(timeout: Any) -> None:
     """Raise ValueError unless ``timeout`` is None or a number of seconds >= 0."""
     number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-    if timeout is not None and (not number or timeout < 0):
+    if timeout is not None and (not number or not 0 <= timeout < math.inf):
         raise ValueError(
             f"cache(timeout=...) must be a number of seconds >= 0 or None, "
             f"not {timeout!r}."
@@ -160,6 +169,16 @@ _flights: dict[tuple[str, Any], concurrent.futures.Future[Any]] = {}
 _flights_lock = threading.Lock()
 
 
+def _forget_flights() -> None:
+    """In a forked child: the parent's reads in flight never finish here."""
+    global _flights_lock
+    _flights.clear()
+    _flights_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_flights)
+
+
 def _install() -> None:
     global _installed
     if _installed:
@@ -168,6 +187,18 @@ def _install() -> None:
         if not _installed:
             SQLCompiler.execute_sql = _cached_execute_sql  # type: ignore[method-assign]
             _installed = True
+
+
+def _reads_a_snapshot(connection: Any) -> bool:
+    """Whether a transaction of ``connection`` reads one snapshot, taken at its
+    start (REPEATABLE READ, SERIALIZABLE, SQLite's): the cache, newer, would mix
+    later commits into it. READ COMMITTED reads the newest commits anyway."""
+    level = getattr(connection, "isolation_level", None)
+    if connection.vendor == "postgresql":
+        return level is not None and int(level) >= 3  # psycopg's REPEATABLE_READ
+    if connection.vendor == "mysql":
+        return level not in ("read committed", "read uncommitted")
+    return True
 
 
 def _cached_execute_sql(
@@ -228,11 +259,22 @@ class _Read:
             return _execute_sql(compiler, self.result_type, False, self.chunk_size)
         connection = compiler.connection
         read_own_writes(connection.alias)  # as a statement would, at its _Barrier
+        query = compiler.query
         tables = tables_in(sql) | {
-            normalized(join.table_name) for join in compiler.query.alias_map.values()
+            normalized(name)
+            for name in (
+                *(join.table_name for join in query.alias_map.values()),
+                *query.extra_tables,
+            )
         }
         database = database_id(connection)
-        in_transaction = connection.in_atomic_block or not connection.get_autocommit()
+        in_transaction = invalidation.in_transaction(connection)
+        if (
+            invalidation.own_session(connection)
+            or (in_transaction and _reads_a_snapshot(connection))
+            or volatile(sql)
+        ):
+            return self._report("bypass", sql, tables, self.run())
         if in_transaction:
             written = invalidation.written_in_transaction(connection)
             if ALL in written or not written.isdisjoint(tables):
@@ -240,7 +282,9 @@ class _Read:
         if store.blocked(database, tables):
             return self._report("bypass", sql, tables, self.run())
         trimmed = compiler.col_count if compiler.has_extra_select else None
-        key = store.entry_key(database, (sql, params, self.result_type, trimmed))
+        key = store.entry_key(
+            session_id(connection), (sql, params, self.result_type, trimmed)
+        )
         if key is None:
             return self._report("bypass", sql, tables, self.run())
         generation_keys = store.generation_keys(database, tables)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import pickle
 import secrets
@@ -42,6 +43,7 @@ __all__ = [
     "current_store",
     "database_id",
     "in_a_cache_call",
+    "session_id",
 ]
 
 logger = logging.getLogger("asynchrormous")
@@ -53,15 +55,34 @@ MISSING = object()
 
 
 def database_id(connection: Any) -> str:
-    """The database a connection reads, the same in every process that shares it.
+    """The database a connection reads, the same in every process that shares it:
+    the generations of its tables.
 
-    Two aliases of one database share its generations; an in-memory SQLite
-    database exists in one process only.
+    Two aliases of one database share it, however their settings spell it; an
+    in-memory SQLite database exists in one process only.
     """
     conf = connection.settings_dict
-    parts = [connection.vendor, conf.get("HOST"), conf.get("PORT"), conf.get("NAME")]
-    if connection.vendor == "sqlite" and connection.is_in_memory_db():
-        parts.append(os.getpid())
+    name = str(conf.get("NAME") or "")
+    if connection.vendor == "sqlite":
+        if connection.is_in_memory_db():
+            name = f"{name} in {os.getpid()}"
+        else:
+            name = os.path.realpath(name)
+    parts = [
+        connection.vendor,
+        str(conf.get("HOST") or "").lower(),
+        str(conf.get("PORT") or ""),
+        name,
+    ]
+    return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
+
+
+def session_id(connection: Any) -> str:
+    """What else decides a connection's answers: its user and its OPTIONS (a
+    ``search_path``, an ``init_command``). Results are shared only between
+    connections that agree on it."""
+    conf = connection.settings_dict
+    parts = [database_id(connection), conf.get("USER"), repr(conf.get("OPTIONS"))]
     return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
 
@@ -82,6 +103,22 @@ def calling_the_cache() -> Iterator[None]:
 
 def in_a_cache_call() -> bool:
     return getattr(_calling, "active", False)
+
+
+class Unreadable(Exception):
+    """A value in the cache that cannot be unpickled: no outage, a miss."""
+
+
+_UNREADABLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+)
 
 
 class Found(NamedTuple):
@@ -159,21 +196,34 @@ class Store:
         with self._lock:
             started, self._outage_started = self._outage_started, None
             failures, self._outage_failures = self._outage_failures, 0
-        if started is not None:
-            logger.info(
-                "Cache %r answers again after %.1f s (%d failed calls).",
-                self.alias,
-                time.monotonic() - started,
-                failures,
-            )
+            self._down_until = 0.0
+        if started is None:
+            return
+        logger.info(
+            "Cache %r answers again after %.1f s (%d failed calls).",
+            self.alias,
+            time.monotonic() - started,
+            failures,
+        )
+        for database in list(self._undelivered):  # what is owed, first
+            self.bump(database, ())
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A call to the cache; MISSING when it failed (then noted as an outage)."""
-        if not self.available():
+    def _call(
+        self, method: str, *args: Any, always: bool = False, **kwargs: Any
+    ) -> Any:
+        """A call to the cache; MISSING when it failed (then noted as an outage).
+
+        During the pause after a failure only an ``always`` call is tried (an
+        invalidation: bounded by the client's timeout). A value that cannot be
+        unpickled (another program's, another version's) raises UNREADABLE.
+        """
+        if not (always or self.available()):
             return MISSING
         try:
             with calling_the_cache():
                 result = getattr(caches[self.alias], method)(*args, **kwargs)
+        except _UNREADABLE_ERRORS as exc:
+            raise Unreadable from exc
         except Exception as exc:
             self._failed(exc)
             return MISSING
@@ -197,7 +247,10 @@ class Store:
         new = {self.generation_key(database, table): _token() for table in tables}
         # set_many() answers the keys it could not set (memcached's client marks a
         # server dead and skips it rather than raise).
-        failed = self._call("set_many", new, timeout=None)
+        try:
+            failed = self._call("set_many", new, timeout=None, always=True)
+        except Unreadable:  # set_many() reads nothing: cannot happen
+            failed = MISSING
         if failed is MISSING or failed:
             with self._lock:
                 self._undelivered.setdefault(database, set()).update(tables)
@@ -218,18 +271,29 @@ class Store:
 
         Generations that do not exist yet are created here.
         """
-        found = self._call("get_many", [key, *generation_keys])
+        try:
+            found = self._call("get_many", [key, *generation_keys])
+        except Unreadable:
+            # The entry is not one of ours (the generations are plain strings):
+            # a miss, and the rows read now replace it.
+            try:
+                found = self._call("get_many", generation_keys)
+            except Unreadable:
+                found = MISSING
         if found is MISSING:
             return Found(MISSING, None, None)
         absent = [k for k in generation_keys if k not in found]
         if absent:
             for k in absent:
-                token = _token()
+                token: Any = _token()
                 added = self._call("add", k, token, timeout=None)
                 if added is MISSING:
                     return Found(MISSING, None, None)
                 if not added:  # created meanwhile by another reader or a writer
-                    token = self._call("get", k)
+                    try:
+                        token = self._call("get", k)
+                    except Unreadable:
+                        token = None
                     if token is None or token is MISSING:
                         return Found(MISSING, None, None)
                 found[k] = token
@@ -283,7 +347,12 @@ class Store:
             return
         try:
             with calling_the_cache():
-                caches[self.alias].set(key, (generations, cost, value), timeout=timeout)
+                caches[self.alias].set(
+                    key,
+                    (generations, cost, value),
+                    # Whole seconds: Redis and memcached would round 0.5 down to 0.
+                    timeout=math.ceil(timeout),
+                )
         except Exception as exc:
             logger.debug("Cache %r did not keep a result: %r", self.alias, exc)
 

@@ -21,9 +21,15 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 
 from .cachestore import Store, current_store, database_id, in_a_cache_call
-from .sqltables import ALL, written_tables
+from .sqltables import ALL, changes_the_session, written_tables
 
-__all__ = ["install", "uninstall", "written_in_transaction"]
+__all__ = [
+    "in_transaction",
+    "install",
+    "own_session",
+    "uninstall",
+    "written_in_transaction",
+]
 
 
 class _Written:
@@ -89,6 +95,22 @@ def written_in_transaction(connection: Any) -> set[str]:
     return set().union(*(entry.tables for entry in written))
 
 
+def in_transaction(connection: Any) -> bool:
+    """Whether the connection is in a transaction: atomic(), set_autocommit(False),
+    or a BEGIN sent as SQL."""
+    return (
+        connection.in_atomic_block
+        or not connection.get_autocommit()
+        or vars(connection).get("_asynchrormous_begun", False)
+    )
+
+
+def own_session(connection: Any) -> bool:
+    """Whether the session changed what it reads (``SET search_path``, ``USE``,
+    ``SET ROLE``) since it connected: its reads are its own, never cached."""
+    return vars(connection).get("_asynchrormous_own_session", False)
+
+
 def _manual(connection: Any) -> set[str]:
     """What a transaction managed by hand (``set_autocommit(False)``) wrote."""
     written: set[str] = connection.__dict__.setdefault("_asynchrormous_written", set())
@@ -114,15 +136,61 @@ def _after_statement(connection: Any, sql: Any) -> None:
     if store is None or in_a_cache_call():
         return
     text = _text(sql, connection)
+    if text is not None and _raw_transaction(connection, store, text):
+        return
+    if text is not None and changes_the_session(text):
+        vars(connection)["_asynchrormous_own_session"] = True
     tables = written_tables(text) if text is not None else frozenset({ALL})
     if not tables:
         return
     if connection.in_atomic_block:
         _defer(connection, store, tables)
-    elif not connection.get_autocommit():
-        _manual(connection).update(tables)  # at commit(), never on rollback()
+    elif not connection.get_autocommit() or vars(connection).get(
+        "_asynchrormous_begun"
+    ):
+        _manual(connection).update(tables)  # at commit, never on rollback
     else:
         store.bump(database_id(connection), tables)  # it has committed
+
+
+def _raw_transaction(connection: Any, store: Store, sql: str) -> bool:
+    """Follow a transaction begun and ended with SQL, outside atomic(): its writes
+    invalidate at its COMMIT. Whether ``sql`` was one of those statements."""
+    if connection.in_atomic_block:
+        return False  # Django's own BEGIN (SQLite)
+    head = sql.lstrip()[:20].upper()
+    if head.startswith(("BEGIN", "START TRANSACTION")):
+        vars(connection)["_asynchrormous_begun"] = True
+    elif head.startswith(("COMMIT", "END")):
+        _committed(connection, store)
+    elif head.startswith("ROLLBACK") and " TO " not in sql.upper():
+        vars(connection).pop("_asynchrormous_begun", None)
+        _manual(connection).clear()
+    else:
+        return False
+    return True
+
+
+def _committed(connection: Any, store: Store | None) -> None:
+    """A transaction outside atomic() committed: invalidate what it wrote, and
+    what atomic() blocks inside it wrote (Django runs their on-commit entries only
+    when autocommit comes back).
+
+    Not for atomic()'s own commit (``commit_on_exit``): its entries run as
+    Django's on-commit hooks, once autocommit is back, which a DatabaseCache on
+    the same connection needs.
+    """
+    vars(connection).pop("_asynchrormous_begun", None)
+    tables = set(_manual(connection))
+    _manual(connection).clear()
+    if not connection.in_atomic_block and not connection.commit_on_exit:
+        written, commit = _ours(connection.run_on_commit)
+        for entry in written:
+            tables |= entry.tables
+        mine = len(written) + (commit is not None)
+        del connection.run_on_commit[:mine]
+    if tables and store is not None:
+        store.bump(database_id(connection), tables)
 
 
 def watch(
@@ -204,24 +272,23 @@ def _watch(connection: Any) -> None:
 
     def committed() -> None:
         commit()
-        written = _manual(connection)
-        if written:
-            tables = set(written)
-            written.clear()
-            store = current_store()
-            if store is not None:
-                store.bump(database_id(connection), tables)
+        _committed(connection, current_store())
 
     def rolled_back() -> None:
         try:
             rollback()
         finally:
+            vars(connection).pop("_asynchrormous_begun", None)
             _manual(connection).clear()
 
     methods["commit"], methods["rollback"] = committed, rolled_back
 
 
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    # A new session: Django's own, until it sends a SET or a BEGIN of its own.
+    for name in ("_asynchrormous_own_session", "_asynchrormous_begun"):
+        vars(connection).pop(name, None)
+    _manual(connection).clear()
     if current_store() is not None:
         _watch(connection)
 

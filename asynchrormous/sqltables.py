@@ -15,7 +15,14 @@ from typing import Any
 from django.apps import apps
 from django.db.models.signals import class_prepared
 
-__all__ = ["ALL", "normalized", "tables_in", "written_tables"]
+__all__ = [
+    "ALL",
+    "changes_the_session",
+    "normalized",
+    "tables_in",
+    "volatile",
+    "written_tables",
+]
 
 #: Stands for every table of the database: a statement whose writes cannot be
 #: told apart (DDL, TRUNCATE ... CASCADE, a procedure call, several statements).
@@ -33,10 +40,72 @@ _HEAD = re.compile(r"\s*\(*\s*([A-Za-z]+)")
 _WRITE_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|MERGE|REPLACE)\b", re.IGNORECASE)
 # A table a statement names: FROM t, JOIN t, INSERT INTO t, UPDATE t, COPY t, ...
 _NAME = r"[\"`\[]?[\w$]+[\"`\]]?"
+_QUALIFIED = rf"(?:{_NAME}\.)*{_NAME}"
 _NAMED = re.compile(
-    rf"\b(?:FROM|JOIN|INTO|UPDATE|COPY|TABLE)\s+((?:{_NAME}\.)*{_NAME})",
+    rf"\b(?:FROM|JOIN|INTO|UPDATE|COPY|TABLE)\s+(?:ONLY\s+)?({_QUALIFIED})",
     re.IGNORECASE,
 )
+# The tables of a FROM list after its first: FROM a, b AS x, c
+_FROM_LIST = re.compile(
+    rf"\bFROM\s+{_QUALIFIED}(?:\s+(?:AS\s+)?\w+)?((?:\s*,\s*{_QUALIFIED}"
+    rf"(?:\s+(?:AS\s+)?(?!WHERE\b|GROUP\b|ORDER\b|LIMIT\b)\w+)?)+)",
+    re.IGNORECASE,
+)
+_LISTED = re.compile(rf",\s*({_QUALIFIED})")
+# Words between a write's verb and its table: UPDATE ONLY t, INSERT IGNORE INTO t,
+# UPDATE OR REPLACE t, DELETE LOW_PRIORITY QUICK FROM t, ...
+_MODIFIERS = (
+    r"(?:(?:ONLY|LOW_PRIORITY|HIGH_PRIORITY|DELAYED|QUICK|IGNORE"
+    r"|OR\s+(?:REPLACE|ROLLBACK|ABORT|FAIL|IGNORE))\s+)*"
+)
+# The one table a write writes, as Django and most raw SQL spell it; a write whose
+# target is not found this way may write any table.
+_TARGET = {
+    "INSERT": re.compile(
+        rf"INSERT\s+{_MODIFIERS}(?:INTO\s+)?({_QUALIFIED})", re.IGNORECASE
+    ),
+    "REPLACE": re.compile(
+        rf"REPLACE\s+{_MODIFIERS}(?:INTO\s+)?({_QUALIFIED})", re.IGNORECASE
+    ),
+    "UPDATE": re.compile(
+        rf"UPDATE\s+{_MODIFIERS}({_QUALIFIED})(?:\s+(?:AS\s+)?\w+)?\s+SET\b",
+        re.IGNORECASE,
+    ),
+    "DELETE": re.compile(
+        rf"DELETE\s+{_MODIFIERS}(?:({_QUALIFIED})\s+)?FROM\s+(?:ONLY\s+)?"
+        rf"({_QUALIFIED})(?:\s+(?:AS\s+)?\w+)?\s*(?:WHERE\b|$|;)",
+        re.IGNORECASE,
+    ),
+    "MERGE": re.compile(rf"MERGE\s+INTO\s+({_QUALIFIED})", re.IGNORECASE),
+    "COPY": re.compile(rf"COPY\s+({_QUALIFIED})", re.IGNORECASE),
+}
+# Statements that change what the session's later statements read: another
+# schema or database, another role, another isolation level. Django's own
+# connection set-up is left out.
+_SESSION = re.compile(
+    r"\s*(?:USE\b|SET\b(?!\s+(?:SESSION\s+)?(?:SQL_AUTO_IS_NULL|NAMES|TIME\s*ZONE"
+    r"|CONSTRAINTS|SESSION\s+TRANSACTION\s+ISOLATION\s+LEVEL\s+READ\s+COMMITTED)\b))",
+    re.IGNORECASE,
+)
+# Functions whose value changes from one run to the next.
+_VOLATILE = re.compile(
+    r"\b(?:RANDOM|RAND|NOW|SYSDATE|UUID|GEN_RANDOM_UUID|NEXTVAL|CLOCK_TIMESTAMP"
+    r"|STATEMENT_TIMESTAMP|TRANSACTION_TIMESTAMP|UNIX_TIMESTAMP|UTC_TIMESTAMP"
+    r"|UTC_DATE|UTC_TIME|CURRENT_TIMESTAMP|CURRENT_DATE|CURRENT_TIME|LOCALTIMESTAMP"
+    r"|LOCALTIME|CURDATE|CURTIME|JULIANDAY)\b",
+    re.IGNORECASE,
+)
+
+
+def changes_the_session(sql: str) -> bool:
+    """Whether ``sql`` makes the session read differently (``SET search_path``,
+    ``USE other``, ``SET ROLE``): its later reads are the session's own."""
+    return _SESSION.match(sql) is not None
+
+
+def volatile(sql: str) -> bool:
+    """Whether ``sql`` calls a function whose value changes between runs."""
+    return _VOLATILE.search(sql) is not None
 
 
 def normalized(name: str) -> str:
@@ -64,6 +133,8 @@ def tables_in(sql: str) -> frozenset[str]:
     included), and any other table it names after FROM, JOIN, INTO, UPDATE, ..."""
     known = _known_tables()
     found = {normalized(name) for name in _NAMED.findall(sql)}
+    for listed in _FROM_LIST.findall(sql):
+        found.update(normalized(name) for name in _LISTED.findall(listed))
     if known is not None:
         found.update(match.lower() for match in known.findall(sql))
     return frozenset(found)
@@ -91,6 +162,10 @@ def written_tables(sql: str) -> frozenset[str] | None:
         return frozenset({ALL}) if _WRITE_WORD.search(sql) else None
     if word not in _WRITES or several:
         return frozenset({ALL})
-    if word == "WITH" and not _WRITE_WORD.search(sql):
-        return None
-    return tables_in(sql)
+    if word == "WITH":
+        # A data-modifying CTE may write any of the tables it names.
+        return frozenset({ALL}) if _WRITE_WORD.search(sql) else None
+    target = _TARGET[word].match(sql.lstrip()) if word in _TARGET else None
+    if target is None:
+        return frozenset({ALL})  # LOAD DATA, or a form not recognised
+    return tables_in(sql) | {normalized(name) for name in target.groups() if name}

@@ -19,6 +19,10 @@ from tests.testapp.models import Author, Book, Gauge, GaugeReading
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+# SQLite's transactions read one snapshot (REPEATABLE READ): the cache, which may be
+# newer, is not used in them.
+SNAPSHOT = connection.vendor == "sqlite"
+
 
 def shape(value):
     """A result as plain data, so that two runs' answers compare field by field."""
@@ -160,7 +164,10 @@ def test_a_transaction_reads_the_database_for_the_tables_it_wrote(books, caching
         Book.objects.filter(pk=books[0].pk).delete()
         assert qs.count() == 5  # its own write
         assert Author.objects.cache().count() == 3
-    assert caching.take() == ["miss", "hit", "hit", "bypass", "bypass"]
+    if SNAPSHOT:  # a transaction there reads one snapshot: never the cache
+        assert caching.take() == ["miss", "bypass", "bypass", "bypass", "bypass"]
+    else:
+        assert caching.take() == ["miss", "hit", "hit", "bypass", "bypass"]
     assert qs.count() == 5
     assert caching.take() == ["miss"]
 
@@ -169,7 +176,7 @@ def test_a_miss_inside_a_transaction_is_not_kept(books, caching):
     with transaction.atomic():
         assert Book.objects.cache().count() == 6
     assert Book.objects.cache().count() == 6
-    assert caching.take() == ["miss", "miss"]
+    assert caching.take() == ["bypass" if SNAPSHOT else "miss", "miss"]
 
 
 def test_invalidate_drops_the_results_of_a_model_a_table_or_everything(books, caching):
@@ -297,7 +304,7 @@ def test_the_database_cache_keeps_results_and_its_own_writes_invalidate_nothing(
     assert qs.count() == 1
     assert database_cache.take() == [
         *("miss", "hit", "miss", "hit"),
-        *("hit", "bypass", "miss"),
+        *("bypass" if SNAPSHOT else "hit", "bypass", "miss"),
     ]
 
 

@@ -145,20 +145,6 @@ def other_namespace():
 
 
 @not_on_sqlite
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Wrong rows across tenants: a connection that switched namespace "
-    "(PostgreSQL SET search_path, as django-tenants does on every request; MariaDB "
-    "USE) sends the same SQL text, and the entry key is only database_id() (vendor, "
-    "HOST, PORT, NAME) + SQL + params, so the public schema's cached rows answer "
-    "the tenant's read (PostgreSQL: SET is a _READS word, nothing is bumped), and "
-    "the tenant's rows, stored under the same key, answer another connection's "
-    "read of the default namespace (MariaDB: USE bumps everything, then the "
-    "tenant's miss is stored). cachestore.database_id() must include the session's "
-    "namespace (current_schemas(true) / DATABASE()), or such connections must not "
-    "be cached.",
-)
 def test_a_connection_that_switched_namespace_is_not_served_the_others_rows(
     cached, other_namespace
 ):
@@ -202,15 +188,6 @@ def restricted_user():
 
 
 @not_on_sqlite
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Privilege bypass: two aliases of one database with different USERs "
-    "share entries (database_id() ignores USER and OPTIONS), so rows cached by a "
-    "privileged alias are served to a user the database refuses them to (the same "
-    "for OPTIONS that change what the SQL reads: search_path, init_command). The "
-    "key must include the USER and the OPTIONS, or the session identity.",
-)
 def test_an_alias_whose_user_may_not_read_a_table_is_not_served_its_rows(
     cached, restricted_user
 ):
@@ -225,19 +202,6 @@ def test_an_alias_whose_user_may_not_read_a_table_is_not_served_its_rows(
 
 
 @not_on_sqlite
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Wrong rows inside a REPEATABLE READ / SERIALIZABLE transaction: a "
-    "cached read in a transaction that did not write the table is answered from "
-    "the cache (_Read.answer bypasses only tables the transaction wrote), i.e. with "
-    "rows committed after the transaction's snapshot, so two reads of one table in "
-    "one transaction disagree, and on PostgreSQL SERIALIZABLE the read escapes the "
-    "predicate locks that would have detected the write skew. Bypass the cache in "
-    "any transaction whose isolation is above READ COMMITTED (the connection's "
-    "isolation_level, or SHOW transaction_isolation / @@tx_isolation at the first "
-    "cached read of a transaction).",
-)
 def test_a_snapshot_transaction_is_not_answered_rows_newer_than_its_snapshot(
     cached, books
 ):
@@ -288,17 +252,6 @@ def other_spelling():
     return {"PORT": str(conf["PORT"])}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Stale after commit: two aliases of one database share generations only "
-    "if their settings are spelled identically (database_id() hashes repr() of "
-    "HOST, PORT, NAME: PORT 5432 vs '5432', a path with '.', localhost vs "
-    "127.0.0.1, a replica alias routed reads). A write through one alias never "
-    "invalidates the other's cached reads. Normalise (str(PORT), realpath, resolved "
-    "host), or identify the database by asking it (system identifier / "
-    "@@server_uuid), and document replicas.",
-)
 def test_a_write_through_one_alias_invalidates_the_same_database_read_through_another(
     cached, books
 ):
@@ -391,16 +344,6 @@ READS_OF_B = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Stale after commit: sqltables.tables_in() finds a table no model knows "
-    "only right after FROM/JOIN/INTO/UPDATE/...; a FROM list (`FROM a, b`, which "
-    "Django itself writes for QuerySet.extra(tables=[...])) hides the second "
-    "table, so the read does not depend on it and a write to it is not seen. Parse "
-    "the FROM list (every name after a comma up to WHERE/GROUP/...), and take "
-    "query.extra_tables as alias_map is taken.",
-)
 @pytest.mark.parametrize("read", list(READS_OF_B))
 def test_a_read_of_a_table_in_a_from_list_is_invalidated_by_its_writes(
     cached, raw_tables, read
@@ -428,17 +371,6 @@ WRITES_OF_B = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Stale after commit: sqltables.written_tables() takes the word after "
-    "UPDATE/INTO/FROM as the table, so a modifier (PostgreSQL ONLY, SQLite OR "
-    "REPLACE/IGNORE, MySQL LOW_PRIORITY/IGNORE) becomes the 'table', a MySQL "
-    "INSERT/REPLACE without INTO or a multi-table `UPDATE a, b` names none or only "
-    "the first, and a table no model knows is not invalidated. Skip the modifiers, "
-    "read the table list, and when a write's tables cannot be told (a write "
-    "statement naming no table found) invalidate ALL rather than nothing.",
-)
 @pytest.mark.parametrize("write", WRITES_OF_B)
 def test_a_write_of_a_table_no_model_knows_spelled_with_a_modifier_invalidates(
     cached, raw_tables, write
@@ -465,17 +397,6 @@ def test_guard_comments_lowercase_and_ctes_before_a_write_invalidate(cached, boo
         assert pages_of(book.pk) == 500 + n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Stale forever: inside a transaction managed by hand "
-    "(set_autocommit(False)), an atomic() block is a savepoint and its writes go to "
-    "Django's run_on_commit list (invalidation._defer), which Django runs only at "
-    "set_autocommit(True), never at commit(); the wrapped commit() bumps only the "
-    "_manual set, which these writes skipped. A rollback() before autocommit is "
-    "back clears run_on_commit, and the committed write is never invalidated. "
-    "committed() must also bump (and drop) the _Written entries of run_on_commit.",
-)
 def test_an_atomic_block_inside_a_manual_transaction_invalidates_at_commit(
     cached, books
 ):
@@ -494,18 +415,6 @@ def test_an_atomic_block_inside_a_manual_transaction_invalidates_at_commit(
     assert (right_after, later) == (999, 999), f"stale: {cached.take()}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Stale after commit: a transaction opened with raw SQL "
-    "(cursor.execute('BEGIN'), while Django thinks it is in autocommit) has its "
-    "writes invalidated at once, before they commit (invalidation._after_statement "
-    "bumps at each statement in autocommit); a reader that runs between the write "
-    "and the raw COMMIT reads the old row and stores it under the new generations, "
-    "and the raw COMMIT (a _READS word) bumps nothing. Track a raw BEGIN/START "
-    "TRANSACTION on the connection as a manual transaction (defer to the raw "
-    "COMMIT/END), or make a raw COMMIT invalidate everything.",
-)
 def test_a_transaction_begun_with_raw_sql_invalidates_at_its_raw_commit(cached, books):
     book = books[0]
     assert pages_of(book.pk) == book.pages
@@ -529,15 +438,6 @@ VOLATILE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="A statement whose answer changes with every run (ORDER BY RANDOM() from "
-    "order_by('?'), NOW()/CURRENT_TIMESTAMP from Now()) is cached like any other: "
-    "order_by('?').first() answers the same 'random' row for CACHE_TIMEOUT. "
-    "_Read.answer() should bypass queries with a random ordering or a volatile "
-    "function (or the README should say they are cached).",
-)
 @pytest.mark.parametrize("read", list(VOLATILE))
 def test_a_volatile_statement_is_not_answered_from_the_cache(cached, books, read):
     Note.objects.create(text="n")
@@ -551,15 +451,6 @@ def test_a_volatile_statement_is_not_answered_from_the_cache(cached, books, read
 _inherited = []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="A forked child inherits cache._flights: a read the parent had in flight "
-    "at the fork has no leader in the child, and each of the child's reads of that "
-    "key and snapshot waits the whole TIMEOUT for it (forever with TIMEOUT None). "
-    "Clear _flights (and re-create _flights_lock) in os.register_at_fork("
-    "after_in_child=...), as pool.py does for its state.",
-)
 def test_a_child_forked_during_a_cached_read_does_not_wait_for_it(settings, books):
     turn_on(settings, "redis", CACHE_PREFIX=f"ch-{uuid.uuid4().hex}")
     settings.ASYNCHRORMOUS = {**settings.ASYNCHRORMOUS, "TIMEOUT": 4.0}
@@ -675,10 +566,10 @@ async def test_guard_a_cancelled_awaited_read_leaves_no_flight(cached, books):
     store = current_store()
     entered, release = threading.Event(), threading.Event()
 
-    def store_then(key, generations, value, timeout):
+    def store_then(key, generations, value, timeout, cost):
         entered.set()
         assert release.wait(TIMEOUT)
-        return type(store).store(store, key, generations, value, timeout)
+        return type(store).store(store, key, generations, value, timeout, cost)
 
     store.store = store_then
     try:
@@ -706,18 +597,6 @@ async def test_guard_a_cancelled_awaited_read_leaves_no_flight(cached, books):
 @pytest.mark.skipif(
     os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
     reason="an in-memory database lives in one process",
-)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Stale in every other process: after one failed cache call a process "
-    "leaves the cache alone for RETRY seconds (Store._call returns MISSING without "
-    "trying), so a write committed in that window is not even attempted: it is only "
-    "remembered in the writer's Store._undelivered and delivered at the writer's "
-    "next bump or cached read of that table. Every other process, for which the "
-    "cache answers, is served the pre-write rows meanwhile, indefinitely if the "
-    "writer never touches the table again. bump() should always try (bounded by the "
-    "socket timeout), and a background retry should deliver what is owed.",
 )
 def test_a_write_whose_invalidation_was_not_delivered_is_not_stale_elsewhere(
     settings, disposable_redis, monkeypatch
@@ -800,19 +679,6 @@ def test_a_cache_restored_from_a_snapshot_serves_no_pre_write_rows(
     assert after == 999, f"stale after the restart: {seen}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="One unreadable entry is taken for an outage of the whole cache: "
-    "Store._call() catches every exception of get_many(), the UnpicklingError of a "
-    "single value (another program's key, a pickle of a class a deploy renamed) "
-    "included, logs 'Cache is unavailable', and leaves the cache alone for RETRY: "
-    "no read of any table is cached, and every write in that window is not "
-    "delivered (stale in other processes, see above). After RETRY the same key "
-    "fails again, for ever: the entry is never replaced. Tell a value that cannot "
-    "be loaded (a miss, overwritten by the next store) from a server that does not "
-    "answer.",
-)
 def test_an_unreadable_entry_is_a_miss_not_an_outage(cached, books, caplog):
     book = books[0]
     assert pages_of(book.pk) == book.pages
@@ -867,14 +733,6 @@ def test_guard_a_result_too_large_for_memcached_is_read_from_the_database(
 # == The API =======================================================================
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cache.check_timeout() accepts float('nan') and float('inf') (number "
-    "and not < 0): nan makes LocMemCache keep the entry forever (its expiry "
-    "compares False) and Redis/memcached fail in int() at each store (logged at "
-    "DEBUG only). Require math.isfinite(timeout).",
-)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_timeout_that_is_not_finite_is_refused(cached, bad):
     try:

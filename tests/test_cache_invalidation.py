@@ -1326,9 +1326,10 @@ def test_a_read_in_a_transaction_after_it_wrote_the_table_bypasses_the_cache(
         seen = BOOK_PAGES.cached()
         assert probe.take() == ["bypass"]
         assert seen == BOOK_PAGES.fresh() != pages.before  # its own write
-        # A table the transaction did not write still comes from the cache.
+        # A table the transaction did not write still comes from the cache,
+        # unless the transaction reads one snapshot (SQLite's).
         assert AUTHOR_NAMES.cached() == authors.before
-        assert probe.take() == ["hit"]
+        assert probe.take() == ["bypass" if VENDOR == "sqlite" else "hit"]
         transaction.set_rollback(True)
     # What the transaction read was not kept: the old rows are still the answer.
     pages.assert_still_cached()
