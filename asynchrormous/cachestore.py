@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache
 from django.core.signals import setting_changed
 
 from .conf import get_settings
@@ -54,6 +55,24 @@ RETRY = 1.0
 MISSING = object()
 
 
+def _memoized(function: Any) -> Any:
+    """``function(connection)``, kept on the connection while its settings are the
+    same (tests change NAME to the test database's), in this process."""
+
+    def memoized(connection: Any) -> str:
+        conf = connection.settings_dict
+        state = (id(conf), conf.get("NAME"), os.getpid())
+        memo = vars(connection).setdefault("_asynchrormous_ids", {})
+        kept = memo.get(function)
+        if kept is None or kept[0] != state:
+            kept = memo[function] = (state, function(connection))
+        return str(kept[1])
+
+    memoized.__doc__ = function.__doc__
+    return memoized
+
+
+@_memoized
 def database_id(connection: Any) -> str:
     """The database a connection reads, the same in every process that shares it:
     the generations of its tables.
@@ -77,6 +96,7 @@ def database_id(connection: Any) -> str:
     return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
 
+@_memoized
 def session_id(connection: Any) -> str:
     """What else decides a connection's answers: its user and its OPTIONS (a
     ``search_path``, an ``init_command``). Results are shared only between
@@ -103,6 +123,21 @@ def calling_the_cache() -> Iterator[None]:
 
 def in_a_cache_call() -> bool:
     return getattr(_calling, "active", False)
+
+
+def _reuse_clients(client: Any) -> None:
+    """Give a RedisCacheClient one redis.Redis per connection pool."""
+    made: dict[int, Any] = {}
+    get_client = client.get_client
+
+    def reused(key: Any = None, *, write: bool = False) -> Any:
+        pool = client._get_connection_pool(write)
+        redis = made.get(id(pool))
+        if redis is None or redis.connection_pool is not pool:
+            redis = made[id(pool)] = get_client(key, write=write)
+        return redis
+
+    client.get_client = reused
 
 
 class Unreadable(Exception):
@@ -208,6 +243,16 @@ class Store:
         for database in list(self._undelivered):  # what is owed, first
             self.bump(database, ())
 
+    def _cache(self) -> Any:
+        """This thread's backend of the cache (Django keeps one per thread)."""
+        backend = caches[self.alias]
+        client = getattr(backend, "_cache", None)  # RedisCache's RedisCacheClient
+        if isinstance(backend, RedisCache) and "get_client" not in vars(client):
+            # Django makes a redis.Redis for every call (about 0.1 ms); one per
+            # connection pool, over the same pool, serves them all.
+            _reuse_clients(client)
+        return backend
+
     def _call(
         self, method: str, *args: Any, always: bool = False, **kwargs: Any
     ) -> Any:
@@ -221,7 +266,7 @@ class Store:
             return MISSING
         try:
             with calling_the_cache():
-                result = getattr(caches[self.alias], method)(*args, **kwargs)
+                result = getattr(self._cache(), method)(*args, **kwargs)
         except _UNREADABLE_ERRORS as exc:
             raise Unreadable from exc
         except Exception as exc:
@@ -347,7 +392,7 @@ class Store:
             return
         try:
             with calling_the_cache():
-                caches[self.alias].set(
+                self._cache().set(
                     key,
                     (generations, cost, value),
                     # Whole seconds: Redis and memcached would round 0.5 down to 0.

@@ -103,6 +103,7 @@ def changes_the_session(sql: str) -> bool:
     return _SESSION.match(sql) is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def volatile(sql: str) -> bool:
     """Whether ``sql`` calls a function whose value changes between runs."""
     return _VOLATILE.search(sql) is not None
