@@ -91,3 +91,16 @@ def slow_values(pk, seconds):
         .values_list("value", "nap")  # selected, so that the server sleeps
     )
     return [value for value, _ in rows]
+
+
+def closing(fn):
+    """``fn`` for a thread of the test's own: its connections closed at the end."""
+    from django.db import connections
+
+    def run(*args):
+        try:
+            return fn(*args)
+        finally:
+            connections.close_all()
+
+    return run

@@ -22,7 +22,7 @@ from django.db.models import F
 from asynchrormous import cache as caching_module
 from asynchrormous.cache import invalidate
 from asynchrormous.cachestore import current_store, database_id
-from tests.cache_helpers import recording, slow_values, turn_on
+from tests.cache_helpers import closing, recording, slow_values, turn_on
 from tests.testapp.models import Book, Gauge
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -32,18 +32,6 @@ TIMEOUT = 10
 
 def is_select(sql):
     return str(sql).lstrip().upper().startswith("SELECT")
-
-
-def closing(fn):
-    """``fn`` for a thread of the test's own: its connection closed at the end."""
-
-    def run(*args):
-        try:
-            return fn(*args)
-        finally:
-            connection.close()
-
-    return run
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from django.db.utils import load_backend
 from asynchrormous import cache as cache_module
 from asynchrormous import cachestore
 from asynchrormous.cachestore import current_store, database_id
-from tests.cache_helpers import recording, turn_on
+from tests.cache_helpers import closing, recording, turn_on
 from tests.cache_servers import memcached_fixture, redis_fixture  # noqa: F401
 from tests.testapp.models import Author, Book, Gauge, Note, Publisher
 
@@ -66,18 +66,6 @@ def cached(settings):
 def raw(sql, params=(), using="default"):
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
-
-
-def closing(fn):
-    """``fn`` for a thread of the test's own: its connections closed at the end."""
-
-    def run(*args):
-        try:
-            return fn(*args)
-        finally:
-            connections.close_all()
-
-    return run
 
 
 def in_another_thread(fn, *args):
