@@ -201,6 +201,10 @@ NOT_BEHIND_PGBOUNCER = {
         KILLS
     ),
     "tests/test_pool.py::test_a_connection_killed_while_idle_": KILLS,
+    "tests/test_cache_hostile.py::test_an_alias_whose_user_may_not_read_": (
+        "PgBouncer lets in only the users of its own configuration: the test's "
+        "restricted role cannot log in through it"
+    ),
     "tests/test_background.py::test_query_runs_on_a_worker_thread_and_connection": (
         SESSIONS
     ),
