@@ -675,10 +675,16 @@ def targets(r: Results) -> list[Target]:
                         x <= y,
                     )
                 )
+        # Issue 15: a background query adds no more than a bare thread pool's hop.
         added = (m("W2-1", c) - m("W2-1", "A")) * 1e6
+        bare = (m("W2-1", "C") - m("W2-1", "A")) * 1e6
         out.append(
             Target(
-                "W2", c, "added cost ≤ 60 µs per query", f"{added:+.0f} µs", added <= 60
+                "W2",
+                c,
+                "added cost ≤ C's (a bare pool's hop)",
+                f"{added:+.0f} µs (C: {bare:+.0f} µs)",
+                added <= bare,
             )
         )
         x, a = m("W2", c), m("W2", "A")
