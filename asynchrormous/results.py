@@ -30,7 +30,7 @@ from . import outages
 from .conf import get_settings
 from .exceptions import Cancelled, ResultTimeout
 from .pins import dropped_blocks, pinned
-from .pool import PoolClosed, WorkItem, _ended_by_server, get_pool, in_job
+from .pool import PoolClosed, WorkItem, _ended_by_server, get_pool, in_job, in_worker
 from .signals import instrumented
 
 __all__ = [
@@ -242,6 +242,9 @@ def _may_run_here(
     if asyncio._get_running_loop() is not None or alias not in connections.settings:
         return False
     conn = connections[alias]
+    if conn.connection is None and in_worker() and not conn.in_atomic_block:
+        # A worker may open one: it is one of the WORKERS a job may hold.
+        return not after or all(f.done() for f in after)
     if conn.connection is None or conn.in_atomic_block or not conn.autocommit:
         return False
     if conn.allow_thread_sharing:
@@ -365,6 +368,9 @@ class Running:
         def run(*args: Any) -> Any:
             since = outages.epoch
             wrapper = connections[self.alias]
+            # The job's own record of the jobs it submits (with CALLER_RUNS): they
+            # come after nothing of its caller's, since the job itself came after it.
+            outer = _pending.set(None)
             try:
                 if wrapper.vendor == "mysql":
                     # mysqlclient refuses thread_id() while another thread uses the
@@ -377,19 +383,32 @@ class Running:
                 wrapper.execute_wrappers.append(self._guard)
                 try:
                     result = fn(*args)
-                finally:
-                    wrapper.execute_wrappers.remove(self._guard)
-                    with self.lock:
-                        self.connection = None
+                except BaseException:
+                    self._ended(wrapper)
+                    _join_nested(raises=False)
+                    raise
+                self._ended(wrapper)
+                _join_nested()
             except (OperationalError, InterfaceError) as exc:
                 if outages.lost(wrapper):
                     outages.failed(self.alias, exc, since)
                 raise
+            finally:
+                _pending.reset(outer)
             if outages.down:  # a plain check: nothing more while no alias is down
                 outages.succeeded(self.alias, since)
             return result
 
         return run
+
+    def _ended(self, wrapper: Any) -> None:
+        """The job sends no more statements: a cancel of it reaches none of them.
+
+        Before it waits for the jobs it submitted, which may run on its connection.
+        """
+        wrapper.execute_wrappers.remove(self._guard)
+        with self.lock:
+            self.connection = None
 
     def _refuse_if_cancelled(self) -> None:
         if self.cancelled:
@@ -505,7 +524,9 @@ def _pending_of(task: asyncio.Task[Any] | None) -> _Pending:
     owner = threading.current_thread() if task is None else task
     pending = _pending.get()
     if pending is None or pending.owner is not owner or pending.pid != os.getpid():
-        parent = pending if pending is not None and pending.pid == os.getpid() else None
+        # A job's nested work does not come after its caller's: the job did.
+        inherits = pending is not None and pending.pid == os.getpid() and not in_job()
+        parent = pending if inherits else None
         pending = _Pending(owner, parent)
         _pending.set(pending)
     return pending
@@ -561,9 +582,7 @@ class _Barrier:
         many: bool,
         context: Any,
     ) -> Any:
-        # A job this thread took over comes after the caller's earlier jobs already.
-        if not in_job():
-            self.drain(writes=not _is_read(sql))
+        self.drain(writes=not _is_read(sql))
         return execute(sql, params, many, context)
 
     def drain(self, *, writes: bool = True) -> None:
@@ -590,8 +609,6 @@ def read_own_writes(alias: str) -> None:
     What its ``_Barrier`` does before a statement, for a read answered without
     one (from the cache).
     """
-    if in_job():
-        return
     for wrapper in list(connections[alias].execute_wrappers):
         if isinstance(wrapper, _Barrier):
             wrapper.drain(writes=False)
@@ -616,6 +633,27 @@ def track_pending(
         wrappers.insert(0, _Barrier(alias, pending))
 
 
+def _join_nested(*, raises: bool = True) -> None:
+    """End a job with the jobs it submitted: run those no worker has picked up,
+    and wait for the rest (at most TIMEOUT), as a plain call ends with its work.
+
+    So a caller that used the job's result reads the nested jobs' writes, and a
+    nested job never outlives its job.
+    """
+    record = _pending.get()
+    if record is None or record.owner is not threading.current_thread():
+        return
+    for alias in {*record.reads, *record.writes}:
+        futures = _prerequisites(record, alias, True)
+        if futures:
+            _run_own_jobs_here(alias, futures)
+            try:
+                _wait_all(futures, DEFAULT, f"the jobs this job started on {alias!r}")
+            except ResultTimeout:
+                if raises:
+                    raise
+
+
 def _run_after(
     prerequisites: list[concurrent.futures.Future[Any]],
     timeout: float | None,
@@ -631,10 +669,12 @@ def must_run_inline(alias: str) -> bool:
     """Whether work on ``alias`` must run on the caller's own thread and connection.
 
     Inside a transaction the caller's uncommitted rows are visible only to its own
-    connection; inside a job (a worker's, or one a caller took over), waiting on the
-    pool could deadlock it.
+    connection. Inside a job, waiting on the pool could deadlock it, unless waits
+    help: with CALLER_RUNS a worker's job submits its nested work, and runs itself
+    whatever of it no other worker has picked up when it needs it (at the latest
+    when the job ends, ``_join_nested``). A job a caller took over runs it inline.
     """
-    if in_job():
+    if in_job() and not (in_worker() and get_settings().caller_runs):
         return True
     conn = connections[alias]
     return conn.in_atomic_block or (conn.connection is not None and not conn.autocommit)
@@ -676,12 +716,15 @@ def submit(
             track_pending(alias, dropped.served, writes=True)
     pending = _pending_of(task)
     before = _prerequisites(pending, alias, writes)
+    # A job's nested work is run to its end at shutdown, as a write is: the job
+    # that waits for it is running.
+    keep = writes or in_job()
     if before:
         work = _on_the_pool(
-            writes, description, _run_after, before, get_settings().timeout, fn, *args
+            keep, description, _run_after, before, get_settings().timeout, fn, *args
         )
     else:
-        work = _on_the_pool(writes, description, fn, *args)
+        work = _on_the_pool(keep, description, fn, *args)
     track_pending(alias, work.future, writes=writes, pending=pending)
     # For a plain query of the caller that must wait for it (_run_own_jobs_here).
     work.future.work = weakref.ref(work)  # type: ignore[attr-defined]
