@@ -305,10 +305,19 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
 
     def __getitem__(self, k: Any) -> Any:
         job = self._fetch_job
-        if job is not None and self._result_cache is None:
-            # Integer indexes and slices answer from the started fetch.
+        plain_slice = isinstance(k, slice) and k.step is None
+        if job is not None and self._result_cache is None and not plain_slice:
+            # Integer indexes and stepped slices answer from the started fetch.
             self._collect_fetch(job)
         result = super().__getitem__(k)
+        if job is not None and isinstance(result, AsyncQuerySetMixin):
+            # A plain slice stays a QuerySet, as in Django (``qs[:4][1:].count()``
+            # works); its rows are those of the started fetch, sliced.
+            result._fetch_job = job.derive(
+                lambda rows: rows[k], self._describe() + f"[{k.start}:{k.stop}]"
+            )
+            result._background = True
+            return result
         if (
             self._background
             and isinstance(result, AsyncQuerySetMixin)

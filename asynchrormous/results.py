@@ -119,6 +119,13 @@ class Job:
 
     def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
         """A job whose value is ``transform(this job's value)``: count() of a fetch."""
+        inner = self.transform
+        if inner is not None:  # count() of a slice of a fetch
+            outer = transform
+
+            def transform(value: Any) -> Any:
+                return outer(inner(value))
+
         return Job(
             self.future,
             description,

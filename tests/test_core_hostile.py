@@ -6,18 +6,13 @@ call to it on a real database. Interleavings are forced with events (or by holdi
 the library's own lock); every wait is bounded.
 """
 
-import os
-import select
-import signal
 import threading
-import time
 
 import pytest
 from django.db import connection, models, transaction
 from django.test import override_settings
 
 from asynchrormous import (
-    AsyncQuerySetMixin,
     Cancelled,
     ResultTimeout,
     cancel,
@@ -25,7 +20,7 @@ from asynchrormous import (
     resolve,
 )
 from tests.helpers import occupy_a_worker, ran_in_background
-from tests.testapp.models import AuditEntry, Author, Book
+from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -176,3 +171,15 @@ def test_a_settings_change_does_not_cancel_another_callers_queued_read(
     one_busy_worker.set()
     assert len(list(qs)) == 6
     assert resolve(count, timeout=10) == 6
+
+
+def test_a_slice_of_a_started_queryset_reuses_its_fetch(books, jobs):
+    """``repr(qs)`` (Django slices ``qs[:21]``), and a slice's count() and rows,
+    come from the started fetch: one query, as before, and a QuerySet."""
+    qs = Book.objects.order_by("pk").start()
+    sliced = qs[1:5][1:]
+    assert isinstance(sliced, models.QuerySet)
+    assert resolve(sliced.count()) == 3
+    assert [b.title for b in sliced] == ["Book 2", "Book 3", "Book 4"]
+    assert repr(qs).startswith("<AsyncQuerySet [<Book: Book 0>")
+    assert len(jobs) == 1 and ran_in_background(jobs[0])
