@@ -46,6 +46,7 @@ __all__ = [
     "prerequisites",
     "read_own_writes",
     "resolve",
+    "run_after",
     "submit",
     "track_pending",
     "wait",
@@ -623,14 +624,26 @@ def track_pending(
         wrappers.insert(0, _Barrier(alias, pending))
 
 
-def _run_after(
+def run_after(
     prerequisites: list[concurrent.futures.Future[Any]],
     timeout: float | None,
+    description: str,
     fn: Callable[..., Any],
     *args: Any,
 ) -> Any:
-    # Earlier futures were queued first, so they are running or done: no deadlock.
-    concurrent.futures.wait(prerequisites, timeout)
+    """Run ``fn(*args)`` once the caller's earlier jobs are done, as in plain code.
+
+    Earlier futures were queued first, so they are running or done: no deadlock.
+    Still running after ``timeout``, they are not overtaken (a read would see the
+    rows as they were before the caller's own write): this job fails instead.
+    """
+    _, not_done = concurrent.futures.wait(prerequisites, timeout)
+    if not_done:
+        raise ResultTimeout(
+            f"{description} did not run: {len(not_done)} of the caller's earlier "
+            f"background jobs it comes after were not done after {timeout:.2f} s; "
+            f"raise ASYNCHRORMOUS['TIMEOUT']."
+        )
     return fn(*args)
 
 
@@ -685,7 +698,14 @@ def submit(
     before = _prerequisites(pending, alias, writes)
     if before:
         work = _on_the_pool(
-            writes, description, _run_after, before, get_settings().timeout, fn, *args
+            writes,
+            description,
+            run_after,
+            before,
+            get_settings().timeout,
+            description,
+            fn,
+            *args,
         )
     else:
         work = _on_the_pool(writes, description, fn, *args)
