@@ -81,6 +81,7 @@ class Job:
         "__weakref__",
         "after",
         "alias",
+        "cancelled",
         "description",
         "future",
         "running",
@@ -107,6 +108,9 @@ class Job:
         self.work = work
         self.alias = alias
         self.after = after
+        #: Cancelled by ``cancel()`` while its Future served others too: only this
+        #: result raises Cancelled; the job goes on for them.
+        self.cancelled = False
         with _handles_lock:
             future.handles = getattr(future, "handles", 0) + 1  # type: ignore[attr-defined]
 
@@ -141,8 +145,26 @@ class Job:
         """Nobody will use this job's outcome (a write made its rows stale)."""
         self.observed = True
 
+    def cancel(self) -> bool:
+        """Cancel this result if its job has not started; True if it is cancelled.
+
+        A job that other results share (a started fetch and the count() derived
+        from it) goes on for them: only this result is cancelled.
+        """
+        future = self.future
+        with _handles_lock:
+            shared = future.handles > 1  # type: ignore[attr-defined]
+        if not shared:
+            return future.cancel()
+        if self.cancelled or future.cancelled():
+            return True
+        if future.running() or future.done():
+            return False
+        self.cancelled = True
+        return True
+
     def done(self) -> bool:
-        return self.future.done()
+        return self.cancelled or self.future.done()
 
     def result(self, timeout: float | None = DEFAULT) -> Any:
         """The value; raises the worker's exception with its type and traceback.
@@ -156,6 +178,8 @@ class Job:
                 The job goes on; the next call waits for the same job.
             Cancelled: the job was cancelled before it ran.
         """
+        if self.cancelled:
+            raise Cancelled(f"{self.description} was cancelled before it ran.")
         if self.work is not None and (timeout is DEFAULT or timeout is None):
             self.take_over()
         timeout = _timeout(timeout)
@@ -751,7 +775,8 @@ async def await_job(job: Job, *, owned: bool = True) -> Any:
             if not job.future.cancel() and job.running is not None:
                 job.running.cancel()
 
-    await _until_done(job.future, job.description, abandon)
+    if not job.cancelled:
+        await _until_done(job.future, job.description, abandon)
     return job.result(0)
 
 
@@ -988,4 +1013,4 @@ def cancel(value: Any) -> bool:
     Using a cancelled result raises ``Cancelled``.
     """
     job = job_of(value)
-    return job is not None and job.future.cancel()
+    return job is not None and job.cancel()

@@ -145,7 +145,9 @@ def test_cancelling_a_started_queryset_keeps_the_count_derived_from_it(
     assert cancel(qs) is True
     one_busy_worker.set()
     assert resolve(n, timeout=10) == 6
-    assert len(list(qs)) == 6  # fetched again, as after any cancelled fetch
+    with pytest.raises(Cancelled):
+        list(qs)  # as after any cancel(qs)
+    assert len(list(qs)) == 6  # fetched again, as after any failed fetch
 
 
 def test_cancelling_a_job_nobody_shares_still_drops_it(books, one_busy_worker):
