@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
@@ -52,6 +53,15 @@ _INVALIDATING = frozenset({"update", "delete"})
 
 # Guards a queryset's pending fetch when threads share the queryset.
 _fetch_lock = threading.Lock()
+
+
+def _new_fetch_lock() -> None:
+    # A forked child has no thread that could release the parent's.
+    global _fetch_lock
+    _fetch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fetch_lock)
 
 
 def _fetch_rows(queryset: QuerySet[Any], compiled: Recording | None) -> list[Any]:

@@ -243,6 +243,15 @@ class Job:
 _handles_lock = threading.RLock()
 
 
+def _new_handles_lock() -> None:
+    # A forked child has no thread that could release the parent's.
+    global _handles_lock
+    _handles_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_handles_lock)
+
+
 def _reporter(description: str) -> Callable[[concurrent.futures.Future[Any]], None]:
     def report(future: concurrent.futures.Future[Any]) -> None:
         if getattr(future, "observed", False) or future.cancelled():

@@ -6,7 +6,11 @@ call to it on a real database. Interleavings are forced with events (or by holdi
 the library's own lock); every wait is bounded.
 """
 
+import os
+import select
+import signal
 import threading
+import time
 
 import pytest
 from django.db import connection, models, transaction
@@ -185,3 +189,69 @@ def test_a_slice_of_a_started_queryset_reuses_its_fetch(books, jobs):
     assert [b.title for b in sliced] == ["Book 2", "Book 3", "Book 4"]
     assert repr(qs).startswith("<AsyncQuerySet [<Book: Book 0>")
     assert len(jobs) == 1 and ran_in_background(jobs[0])
+
+
+# -- A child forked while another thread holds the library's locks ------------------
+
+_inherited_connections = []
+
+
+def test_a_child_forked_while_another_thread_is_inside_the_library_does_not_hang(
+    books,
+):
+    """os.fork() copies a lock another thread holds, held, into the child, where
+    that thread does not exist: every lock the library takes on each call (a
+    Job's handle count, a started fetch's) must be fresh there. Another thread
+    is held inside those locks (standing for one inside ``Job()`` or
+    ``start()`` at the moment of the fork); the child's first background query
+    hung forever."""
+    from asynchrormous import pins, queryset, results
+
+    locks = [results._handles_lock, queryset._fetch_lock, pins._boards_lock]
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        for lock in locks:
+            lock.acquire()
+        inside.set()
+        leave.wait(20)
+        for lock in reversed(locks):
+            lock.release()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert inside.wait(10)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            _inherited_connections.append(connection.connection)
+            connection.connection = None  # the parent's socket: open our own
+            try:
+                qs = Book.objects.run_async().start()
+                report = f"ok {resolve(qs.count(), timeout=5)} {len(list(qs))}"
+            except BaseException as exc:
+                report = f"error {type(exc).__name__}: {exc}"
+            os.write(write_end, report.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 10)
+        with os.fdopen(read_end, closefd=False) as pipe:
+            report = pipe.read() if ready else "the child reported nothing in 10 s"
+    finally:
+        leave.set()
+        holder.join(10)
+        os.close(read_end)
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.05)
+    assert report == "ok 6 6", report
