@@ -22,6 +22,7 @@ from .results import (
     await_job,
     must_run_inline,
     prerequisites,
+    run_after,
     submit,
     track_pending,
 )
@@ -80,9 +81,7 @@ async def stream(
     rows: list[Iterator[Any]] = []  # the iterator, touched on the pin's thread only
 
     def first() -> list[Any]:
-        if before:
-            concurrent.futures.wait(before, timeout)
-        rows.append(make_iterator())
+        rows.append(run_after(before, timeout, description, make_iterator))
         return next_chunk()
 
     def next_chunk() -> list[Any]:

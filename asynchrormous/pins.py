@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -83,6 +84,15 @@ class _PinBoard:
 
 _boards: weakref.WeakKeyDictionary[WorkerPool, _PinBoard] = weakref.WeakKeyDictionary()
 _boards_lock = threading.Lock()
+
+
+def _new_boards_lock() -> None:
+    # A forked child has no thread that could release the parent's.
+    global _boards_lock
+    _boards_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_boards_lock)
 
 
 def pin_board(pool: WorkerPool) -> _PinBoard:

@@ -514,8 +514,23 @@ _stopping: set[WorkerPool] = set()
 
 @receiver(setting_changed)
 def _restart_on_setting_change(*, setting: str, **kwargs: Any) -> None:
-    if setting == "ASYNCHRORMOUS":
-        shutdown()
+    """The next job starts a pool with the new settings.
+
+    The old pool is retired, not shut down: the work already queued there (other
+    callers' reads included) and its pinned blocks run to their end on its
+    workers, which then stop; a later ``shutdown()`` waits for them.
+    """
+    if setting != "ASYNCHRORMOUS":
+        return
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+        for retired in [p for p in _stopping if p.stopped()]:
+            _stopping.discard(retired)
+        if pool is not None:
+            _stopping.add(pool)
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 # A forked child has none of the parent's worker threads; it must build its own pool

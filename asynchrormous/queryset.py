@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any, TypeVar
@@ -52,6 +53,15 @@ _INVALIDATING = frozenset({"update", "delete"})
 
 # Guards a queryset's pending fetch when threads share the queryset.
 _fetch_lock = threading.Lock()
+
+
+def _new_fetch_lock() -> None:
+    # A forked child has no thread that could release the parent's.
+    global _fetch_lock
+    _fetch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_fetch_lock)
 
 
 def _fetch_rows(queryset: QuerySet[Any], compiled: Recording | None) -> list[Any]:
@@ -305,10 +315,19 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
 
     def __getitem__(self, k: Any) -> Any:
         job = self._fetch_job
-        if job is not None and self._result_cache is None:
-            # Integer indexes and slices answer from the started fetch.
+        plain_slice = isinstance(k, slice) and k.step is None
+        if job is not None and self._result_cache is None and not plain_slice:
+            # Integer indexes and stepped slices answer from the started fetch.
             self._collect_fetch(job)
         result = super().__getitem__(k)
+        if job is not None and isinstance(result, AsyncQuerySetMixin):
+            # A plain slice stays a QuerySet, as in Django (``qs[:4][1:].count()``
+            # works); its rows are those of the started fetch, sliced.
+            result._fetch_job = job.derive(
+                lambda rows: rows[k], self._describe() + f"[{k.start}:{k.stop}]"
+            )
+            result._background = True
+            return result
         if (
             self._background
             and isinstance(result, AsyncQuerySetMixin)

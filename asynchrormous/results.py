@@ -46,6 +46,7 @@ __all__ = [
     "prerequisites",
     "read_own_writes",
     "resolve",
+    "run_after",
     "submit",
     "track_pending",
     "wait",
@@ -80,6 +81,7 @@ class Job:
         "__weakref__",
         "after",
         "alias",
+        "cancelled",
         "description",
         "future",
         "running",
@@ -106,6 +108,9 @@ class Job:
         self.work = work
         self.alias = alias
         self.after = after
+        #: Cancelled by ``cancel()`` while its Future served others too: only this
+        #: result raises Cancelled; the job goes on for them.
+        self.cancelled = False
         with _handles_lock:
             future.handles = getattr(future, "handles", 0) + 1  # type: ignore[attr-defined]
 
@@ -119,6 +124,13 @@ class Job:
 
     def derive(self, transform: Callable[[Any], Any], description: str) -> Job:
         """A job whose value is ``transform(this job's value)``: count() of a fetch."""
+        inner = self.transform
+        if inner is not None:  # count() of a slice of a fetch
+            outer = transform
+
+            def transform(value: Any) -> Any:
+                return outer(inner(value))
+
         return Job(
             self.future,
             description,
@@ -133,8 +145,26 @@ class Job:
         """Nobody will use this job's outcome (a write made its rows stale)."""
         self.observed = True
 
+    def cancel(self) -> bool:
+        """Cancel this result if its job has not started; True if it is cancelled.
+
+        A job that other results share (a started fetch and the count() derived
+        from it) goes on for them: only this result is cancelled.
+        """
+        future = self.future
+        with _handles_lock:
+            shared = future.handles > 1  # type: ignore[attr-defined]
+        if not shared:
+            return future.cancel()
+        if self.cancelled or future.cancelled():
+            return True
+        if future.running() or future.done():
+            return False
+        self.cancelled = True
+        return True
+
     def done(self) -> bool:
-        return self.future.done()
+        return self.cancelled or self.future.done()
 
     def result(self, timeout: float | None = DEFAULT) -> Any:
         """The value; raises the worker's exception with its type and traceback.
@@ -148,6 +178,8 @@ class Job:
                 The job goes on; the next call waits for the same job.
             Cancelled: the job was cancelled before it ran.
         """
+        if self.cancelled:
+            raise Cancelled(f"{self.description} was cancelled before it ran.")
         if self.work is not None and (timeout is DEFAULT or timeout is None):
             self.take_over()
         timeout = _timeout(timeout)
@@ -209,6 +241,15 @@ class Job:
 
 # Reentrant: a garbage collection while it is held may run another Job's __del__.
 _handles_lock = threading.RLock()
+
+
+def _new_handles_lock() -> None:
+    # A forked child has no thread that could release the parent's.
+    global _handles_lock
+    _handles_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_handles_lock)
 
 
 def _reporter(description: str) -> Callable[[concurrent.futures.Future[Any]], None]:
@@ -654,14 +695,26 @@ def _join_nested(*, raises: bool = True) -> None:
                     raise
 
 
-def _run_after(
+def run_after(
     prerequisites: list[concurrent.futures.Future[Any]],
     timeout: float | None,
+    description: str,
     fn: Callable[..., Any],
     *args: Any,
 ) -> Any:
-    # Earlier futures were queued first, so they are running or done: no deadlock.
-    concurrent.futures.wait(prerequisites, timeout)
+    """Run ``fn(*args)`` once the caller's earlier jobs are done, as in plain code.
+
+    Earlier futures were queued first, so they are running or done: no deadlock.
+    Still running after ``timeout``, they are not overtaken (a read would see the
+    rows as they were before the caller's own write): this job fails instead.
+    """
+    _, not_done = concurrent.futures.wait(prerequisites, timeout)
+    if not_done:
+        raise ResultTimeout(
+            f"{description} did not run: {len(not_done)} of the caller's earlier "
+            f"background jobs it comes after were not done after {timeout:.2f} s; "
+            f"raise ASYNCHRORMOUS['TIMEOUT']."
+        )
     return fn(*args)
 
 
@@ -721,7 +774,14 @@ def submit(
     keep = writes or in_job()
     if before:
         work = _on_the_pool(
-            keep, description, _run_after, before, get_settings().timeout, fn, *args
+            keep,
+            description,
+            run_after,
+            before,
+            get_settings().timeout,
+            description,
+            fn,
+            *args,
         )
     else:
         work = _on_the_pool(keep, description, fn, *args)
@@ -767,7 +827,8 @@ async def await_job(job: Job, *, owned: bool = True) -> Any:
             if not job.future.cancel() and job.running is not None:
                 job.running.cancel()
 
-    await _until_done(job.future, job.description, abandon)
+    if not job.cancelled:
+        await _until_done(job.future, job.description, abandon)
     return job.result(0)
 
 
@@ -1004,4 +1065,4 @@ def cancel(value: Any) -> bool:
     Using a cancelled result raises ``Cancelled``.
     """
     job = job_of(value)
-    return job is not None and job.future.cancel()
+    return job is not None and job.cancel()
