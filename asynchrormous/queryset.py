@@ -257,8 +257,10 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         self._fetched(job, rows)
 
     def _fetched(self, job: Job, rows: list[Any]) -> None:
-        self._result_cache = rows
+        # In this order: a thread sharing the queryset that sees the rows must not
+        # run their prefetch lookups again (Django's _fetch_all() would).
         self._prefetch_done = True
+        self._result_cache = rows
         self._forget_fetch(job)
 
     def _forget_fetch(self, job: Job) -> None:
