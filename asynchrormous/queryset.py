@@ -339,11 +339,11 @@ class AsyncQuerySetMixin(_AwaitableRows, QuerySet[_T]):
         return result
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AsyncQuerySetMixin[_T]:
-        job, self._fetch_job = self._fetch_job, None
-        try:
-            return super().__deepcopy__(memo)
-        finally:
-            self._fetch_job = job
+        # The copy starts without the pending fetch, as it starts without the
+        # rows; the original keeps it for the threads that may be evaluating it.
+        if self._fetch_job is not None:
+            memo[id(self._fetch_job)] = None
+        return super().__deepcopy__(memo)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

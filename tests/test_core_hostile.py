@@ -6,6 +6,7 @@ call to it on a real database. Interleavings are forced with events (or by holdi
 the library's own lock); every wait is bounded.
 """
 
+import copy
 import os
 import select
 import signal
@@ -300,3 +301,25 @@ def test_a_terminal_overridden_below_the_mixin_runs_once_per_call(books):
     CountingBase.runs = []
     assert resolve(manager.run_async().count()) == 6
     assert len(CountingBase.runs) == 1, CountingBase.runs
+
+
+def test_a_deepcopy_leaves_the_shared_querysets_started_fetch_in_place(books, jobs):
+    """Copying a started queryset must not hide its fetch from a thread evaluating
+    it meanwhile (it would start a second fetch): the copy is made without
+    touching the original."""
+    qs = Book.objects.run_async().order_by("pk").start()
+    seen = []
+
+    class Probe:
+        """Copied in the middle of the deepcopy: where another thread could look."""
+
+        def __deepcopy__(self, memo):
+            seen.append(qs._fetch_job)
+            return self
+
+    qs._probe = Probe()
+    duplicate = copy.deepcopy(qs)
+    assert seen and seen[0] is not None
+    assert duplicate._fetch_job is None
+    assert [b.title for b in qs] == [b.title for b in books]
+    assert len(jobs) == 1  # one fetch, for the original
