@@ -25,6 +25,7 @@ import pickle
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -178,6 +179,7 @@ class Store:
         self.alias = alias
         self.prefix = prefix
         self._lock = threading.Lock()
+        _stores.add(self)
         self._down_until = 0.0
         self._outage_started: float | None = None
         self._outage_failures = 0
@@ -404,6 +406,16 @@ class Store:
 
 _store: Store | None = None
 _store_lock = threading.Lock()
+# Every Store still in use (a transaction's _Commit keeps one past a settings change).
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held at the fork is never released in the child."""
+    global _store_lock
+    _store_lock = threading.Lock()
+    for store in _stores:
+        store._lock = threading.Lock()
 
 
 def current_store() -> Store | None:
@@ -433,3 +445,4 @@ def _reload(*, setting: str, **kwargs: Any) -> None:
 
 
 setting_changed.connect(_reload)
+os.register_at_fork(after_in_child=_after_fork_in_child)

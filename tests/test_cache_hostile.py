@@ -36,6 +36,7 @@ from django.db.utils import load_backend
 
 from asynchrormous import cache as cache_module
 from asynchrormous import cachestore
+from asynchrormous.cache import invalidate
 from asynchrormous.cachestore import current_store, database_id
 from tests.cache_helpers import closing, recording, turn_on
 from tests.cache_servers import memcached_fixture, redis_fixture  # noqa: F401
@@ -477,6 +478,50 @@ def test_a_child_forked_during_a_cached_read_does_not_wait_for_it(settings, book
     assert report.startswith(f"{book.pages} "), report
     seconds = float(report.split()[-2])
     assert seconds < 2.0, f"the child waited for its parent's read: {report}"
+
+
+# Each lock of the caching code, as the test finds it.
+FORK_LOCKS = {
+    "cache._install_lock": lambda: cache_module._install_lock,
+    "cachestore._store_lock": lambda: cachestore._store_lock,
+    "Store._lock": lambda: current_store()._lock,
+}
+
+
+@pytest.mark.parametrize("lock", FORK_LOCKS)
+def test_a_child_forked_while_a_thread_holds_a_cache_lock_can_use_the_cache(
+    cached, books, monkeypatch, lock
+):
+    """A thread holds the lock at the fork; the child, which has no such thread,
+    installs the hook, makes its store, reads and invalidates."""
+    # As before the first cached read of the process: every path takes its lock.
+    monkeypatch.setattr(cache_module, "_installed", False)
+    if lock != "Store._lock":
+        monkeypatch.setattr(cachestore, "_store", None)
+    held = FORK_LOCKS[lock]()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with held:
+            holding.set()
+            release.wait(TIMEOUT)
+
+    def child():
+        _inherited.append(connection.connection)
+        connection.connection = None
+        pages = pages_of(books[0].pk)
+        invalidate(Book)
+        return pages
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(TIMEOUT)
+        report = in_a_forked_child(child, timeout=TIMEOUT)
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+    assert report == str(books[0].pages)
 
 
 def test_guard_followers_of_a_leader_that_fails_read_the_database(cached, books):
