@@ -9,6 +9,7 @@ how many failures it cost.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,15 @@ class _Outage:
 #: before the recovery) cannot end an outage or begin a new one.
 epoch = 0
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held at the fork is never released in the child."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def lost(wrapper: Any) -> bool:

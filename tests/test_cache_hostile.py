@@ -35,7 +35,7 @@ from django.db.models.functions import Now
 from django.db.utils import load_backend
 
 from asynchrormous import cache as cache_module
-from asynchrormous import cachestore
+from asynchrormous import cachestore, outages
 from asynchrormous.cache import invalidate
 from asynchrormous.cachestore import current_store, database_id
 from tests.cache_helpers import closing, recording, turn_on
@@ -485,6 +485,7 @@ FORK_LOCKS = {
     "cache._install_lock": lambda: cache_module._install_lock,
     "cachestore._store_lock": lambda: cachestore._store_lock,
     "Store._lock": lambda: current_store()._lock,
+    "outages._lock": lambda: outages._lock,
 }
 
 
@@ -496,8 +497,11 @@ def test_a_child_forked_while_a_thread_holds_a_cache_lock_can_use_the_cache(
     installs the hook, makes its store, reads and invalidates."""
     # As before the first cached read of the process: every path takes its lock.
     monkeypatch.setattr(cache_module, "_installed", False)
-    if lock != "Store._lock":
+    if lock == "cachestore._store_lock":
         monkeypatch.setattr(cachestore, "_store", None)
+    if lock == "outages._lock":  # the child's first call to the cache ends an outage
+        store = current_store()
+        store._outages.failed(store.alias, ConnectionError("a test's"), outages.epoch)
     held = FORK_LOCKS[lock]()
     holding, release = threading.Event(), threading.Event()
 
