@@ -153,12 +153,20 @@ def _after_statement(connection: Any, sql: Any) -> None:
         store.bump(database_id(connection), tables)  # it has committed
 
 
+# The first letters of BEGIN, START TRANSACTION, COMMIT, END and ROLLBACK. A letter
+# outside ASCII may upper-case to one of them (U+017F, the long s, to "S").
+_TRANSACTION_INITIALS = frozenset("BSCERbscer")
+
+
 def _raw_transaction(connection: Any, store: Store, sql: str) -> bool:
     """Follow a transaction begun and ended with SQL, outside atomic(): its writes
     invalidate at its COMMIT. Whether ``sql`` was one of those statements."""
     if connection.in_atomic_block:
         return False  # Django's own BEGIN (SQLite)
-    head = sql.lstrip()[:20].upper()
+    first = sql[:1]
+    if first.isascii() and not first.isspace() and first not in _TRANSACTION_INITIALS:
+        return False  # most statements, without a copy of their SQL
+    head = (sql.lstrip() if first.isspace() else sql)[:20].upper()
     if head.startswith(("BEGIN", "START TRANSACTION")):
         vars(connection)["_asynchrormous_begun"] = True
     elif head.startswith(("COMMIT", "END")):
