@@ -494,10 +494,10 @@ def test_a_child_forked_while_a_thread_holds_a_cache_lock_can_use_the_cache(
     cached, books, monkeypatch, lock
 ):
     """A thread holds the lock at the fork; the child, which has no such thread,
-    installs the hook, makes its store, reads and invalidates."""
-    # As before the first cached read of the process: every path takes its lock.
+    reads through the cache and invalidates, by the paths that take the lock."""
+    # As before the process's first cached read: the child installs the hook.
     monkeypatch.setattr(cache_module, "_installed", False)
-    if lock == "cachestore._store_lock":
+    if lock == "cachestore._store_lock":  # the child makes the store
         monkeypatch.setattr(cachestore, "_store", None)
     if lock == "outages._lock":  # the child's first call to the cache ends an outage
         store = current_store()
