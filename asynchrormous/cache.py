@@ -169,14 +169,16 @@ _flights: dict[tuple[str, Any], concurrent.futures.Future[Any]] = {}
 _flights_lock = threading.Lock()
 
 
-def _forget_flights() -> None:
-    """In a forked child: the parent's reads in flight never finish here."""
-    global _flights_lock
+def _after_fork_in_child() -> None:
+    """The parent's reads in flight never finish here, and a lock its other
+    threads held at the fork is never released."""
+    global _flights_lock, _install_lock
     _flights.clear()
     _flights_lock = threading.Lock()
+    _install_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_flights)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _install() -> None:

@@ -25,6 +25,7 @@ import pickle
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache
 from django.core.signals import setting_changed
 
+from . import outages
 from .conf import get_settings
 from .sqltables import ALL
 
@@ -178,9 +180,14 @@ class Store:
         self.alias = alias
         self.prefix = prefix
         self._lock = threading.Lock()
+        _stores.add(self)
         self._down_until = 0.0
-        self._outage_started: float | None = None
-        self._outage_failures = 0
+        self._outages = outages.Outages(
+            began="Cache %r is unavailable (%s): cached queries read the database "
+            "until it answers again.",
+            failing="Cache %r still unavailable: %r",
+            ended="Cache %r answers again after %.1f s (%d failed calls).",
+        )
         # Generations this process could not replace: {database id: {table, ...}}.
         self._undelivered: dict[str, set[str]] = {}
 
@@ -210,39 +217,6 @@ class Store:
     def available(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def _failed(self, exc: BaseException) -> None:
-        with self._lock:
-            self._down_until = time.monotonic() + RETRY
-            self._outage_failures += 1
-            if self._outage_started is not None:
-                logger.debug("Cache %r still unavailable: %r", self.alias, exc)
-                return
-            self._outage_started = time.monotonic()
-        logger.warning(
-            "Cache %r is unavailable (%r): cached queries read the database until "
-            "it answers again.",
-            self.alias,
-            exc,
-        )
-
-    def _succeeded(self) -> None:
-        if self._outage_started is None:
-            return
-        with self._lock:
-            started, self._outage_started = self._outage_started, None
-            failures, self._outage_failures = self._outage_failures, 0
-            self._down_until = 0.0
-        if started is None:
-            return
-        logger.info(
-            "Cache %r answers again after %.1f s (%d failed calls).",
-            self.alias,
-            time.monotonic() - started,
-            failures,
-        )
-        for database in list(self._undelivered):  # what is owed, first
-            self.bump(database, ())
-
     def _cache(self) -> Any:
         """This thread's backend of the cache (Django keeps one per thread)."""
         backend = caches[self.alias]
@@ -264,15 +238,20 @@ class Store:
         """
         if not (always or self.available()):
             return MISSING
+        since = outages.epoch
         try:
             with calling_the_cache():
                 result = getattr(self._cache(), method)(*args, **kwargs)
         except _UNREADABLE_ERRORS as exc:
             raise Unreadable from exc
         except Exception as exc:
-            self._failed(exc)
+            self._down_until = time.monotonic() + RETRY
+            self._outages.failed(self.alias, exc, since)
             return MISSING
-        self._succeeded()
+        if self._outages.succeeded(self.alias, since):
+            self._down_until = 0.0
+            for database in list(self._undelivered):  # what is owed, first
+                self.bump(database, ())
         return result
 
     # -- Generations --------------------------------------------------------------
@@ -404,6 +383,16 @@ class Store:
 
 _store: Store | None = None
 _store_lock = threading.Lock()
+# Every Store still in use (a transaction's _Commit keeps one past a settings change).
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held at the fork is never released in the child."""
+    global _store_lock
+    _store_lock = threading.Lock()
+    for store in _stores:
+        store._lock = threading.Lock()
 
 
 def current_store() -> Store | None:
@@ -433,3 +422,4 @@ def _reload(*, setting: str, **kwargs: Any) -> None:
 
 
 setting_changed.connect(_reload)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -97,18 +97,24 @@ def written_in_transaction(connection: Any) -> set[str]:
 
 def in_transaction(connection: Any) -> bool:
     """Whether the connection is in a transaction: atomic(), set_autocommit(False),
-    or a BEGIN sent as SQL."""
-    return (
-        connection.in_atomic_block
-        or not connection.get_autocommit()
-        or vars(connection).get("_asynchrormous_begun", False)
+    or a BEGIN sent as SQL. Without connecting, as get_autocommit() would: a closed
+    connection reopens in its AUTOCOMMIT setting's mode (a hit needs no connection)."""
+    if connection.in_atomic_block:
+        return True
+    if connection.connection is None:
+        return not connection.settings_dict["AUTOCOMMIT"]
+    return not connection.autocommit or vars(connection).get(
+        "_asynchrormous_begun", False
     )
 
 
 def own_session(connection: Any) -> bool:
     """Whether the session changed what it reads (``SET search_path``, ``USE``,
-    ``SET ROLE``) since it connected: its reads are its own, never cached."""
-    return vars(connection).get("_asynchrormous_own_session", False)
+    ``SET ROLE``) since it connected: its reads are its own, never cached. A
+    closed connection's next session is Django's own again."""
+    return connection.connection is not None and vars(connection).get(
+        "_asynchrormous_own_session", False
+    )
 
 
 def _manual(connection: Any) -> set[str]:
@@ -145,12 +151,15 @@ def _after_statement(connection: Any, sql: Any) -> None:
         return
     if connection.in_atomic_block:
         _defer(connection, store, tables)
-    elif not connection.get_autocommit() or vars(connection).get(
-        "_asynchrormous_begun"
-    ):
+    elif in_transaction(connection):
         _manual(connection).update(tables)  # at commit, never on rollback
     else:
         store.bump(database_id(connection), tables)  # it has committed
+
+
+# The first letters of BEGIN, START TRANSACTION, COMMIT, END and ROLLBACK. A letter
+# outside ASCII may upper-case to one of them (U+017F, the long s, to "S").
+_TRANSACTION_INITIALS = frozenset("BSCERbscer")
 
 
 def _raw_transaction(connection: Any, store: Store, sql: str) -> bool:
@@ -158,7 +167,10 @@ def _raw_transaction(connection: Any, store: Store, sql: str) -> bool:
     invalidate at its COMMIT. Whether ``sql`` was one of those statements."""
     if connection.in_atomic_block:
         return False  # Django's own BEGIN (SQLite)
-    head = sql.lstrip()[:20].upper()
+    first = sql[:1]
+    if first.isascii() and not first.isspace() and first not in _TRANSACTION_INITIALS:
+        return False  # most statements, without a copy of their SQL
+    head = (sql.lstrip() if first.isspace() else sql)[:20].upper()
     if head.startswith(("BEGIN", "START TRANSACTION")):
         vars(connection)["_asynchrormous_begun"] = True
     elif head.startswith(("COMMIT", "END")):

@@ -1,18 +1,21 @@
-"""Database outages: one warning per alias and outage, one info when it is over.
+"""Outages: one warning per alias and outage, one info when it is over.
 
-While a server is down every background query fails; logging each would bury the
-one line that matters. The first failure of an alias logs a warning, the rest go to
-DEBUG, and the next success logs how long it lasted and how many failures it cost.
+While a server is down every call to it fails; logging each would bury the one
+line that matters. The first failure of an alias (a database's, a cache's) logs a
+warning, the rest go to DEBUG, and the next success logs how long it lasted and
+how many failures it cost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["down", "epoch", "failed", "lost", "succeeded"]
+__all__ = ["Outages", "down", "epoch", "failed", "lost", "succeeded"]
 
 logger = logging.getLogger("asynchrormous")
 
@@ -26,14 +29,20 @@ class _Outage:
         self.failures = 1
 
 
-#: Aliases that are down: read without the lock on the hot path.
-down: dict[str, _Outage] = {}
-#: Bumped when an outage begins or ends. A job reads it when it starts, so an
+#: Bumped when an outage begins or ends. A call reads it when it starts, so an
 #: answer that comes late (a success from before the outage, a failure from
 #: before the recovery) cannot end an outage or begin a new one.
 epoch = 0
-_restored_in: dict[str, int] = {}
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A lock another thread held at the fork is never released in the child."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def lost(wrapper: Any) -> bool:
@@ -52,51 +61,78 @@ def lost(wrapper: Any) -> bool:
         return True
 
 
-def failed(alias: str, exc: BaseException, since: int) -> None:
-    """Note a query on ``alias`` that could not reach the server.
+class Outages:
+    """The outages of one kind of server, keyed by alias, and what they log.
 
-    ``since`` is ``epoch`` when the failed attempt began.
+    ``began`` is logged with the alias and ``cause(exc)``, ``failing`` with the
+    alias and the exception, ``ended`` with the alias, its seconds and failures.
     """
-    global epoch
-    with _lock:
-        outage = down.get(alias)
-        if outage is not None:
-            outage.failures += 1
-            first = False
-        elif since < _restored_in.get(alias, 0):
-            first = False  # began before the recovery: part of the outage it ended
+
+    def __init__(
+        self,
+        began: str,
+        failing: str,
+        ended: str,
+        cause: Callable[[BaseException], str] = repr,
+    ) -> None:
+        self.began = began
+        self.failing = failing
+        self.ended = ended
+        self.cause = cause
+        #: Aliases that are down: read without the lock on the hot path.
+        self.down: dict[str, _Outage] = {}
+        self._restored_in: dict[str, int] = {}
+
+    def failed(self, alias: str, exc: BaseException, since: int) -> None:
+        """Note a call to ``alias`` that could not reach the server.
+
+        ``since`` is ``epoch`` when the failed attempt began.
+        """
+        global epoch
+        with _lock:
+            outage = self.down.get(alias)
+            if outage is not None:
+                outage.failures += 1
+                first = False
+            elif since < self._restored_in.get(alias, 0):
+                first = False  # began before the recovery: part of the outage it ended
+            else:
+                epoch += 1
+                self.down[alias] = _Outage(epoch)
+                first = True
+        if first:
+            logger.warning(self.began, alias, self.cause(exc))
         else:
+            logger.debug(self.failing, alias, exc)
+
+    def succeeded(self, alias: str, since: int) -> bool:
+        """Note a call to ``alias`` that succeeded; whether it ended the alias's
+        outage (it does if it began after the outage did: ``since`` is ``epoch``
+        when it began)."""
+        global epoch
+        if alias not in self.down:  # no lock unless the alias is down
+            return False
+        with _lock:
+            outage = self.down.get(alias)
+            if outage is None or since < outage.began:
+                return False
+            del self.down[alias]
             epoch += 1
-            down[alias] = _Outage(epoch)
-            first = True
-    if first:
-        logger.warning(
-            "lost the connection to %r (%s: %s); further failures are not logged "
-            "until a query on it succeeds",
-            alias,
-            type(exc).__name__,
-            str(exc).strip(),
+            self._restored_in[alias] = epoch
+        logger.info(
+            self.ended, alias, time.monotonic() - outage.started, outage.failures
         )
-    else:
-        logger.debug("a query on %r failed: %s", alias, exc)
+        return True
 
 
-def succeeded(alias: str, since: int) -> None:
-    """Note a job on ``alias`` that succeeded; it ends the alias's outage if it
-    began after the outage did (``since`` is ``epoch`` when it began)."""
-    global epoch
-    if alias not in down:  # no lock unless the alias is down
-        return
-    with _lock:
-        outage = down.get(alias)
-        if outage is None or since < outage.began:
-            return
-        del down[alias]
-        epoch += 1
-        _restored_in[alias] = epoch
-    logger.info(
-        "connection to %r restored after %.1f s, %d failures",
-        alias,
-        time.monotonic() - outage.started,
-        outage.failures,
-    )
+_databases = Outages(
+    began="lost the connection to %r (%s); further failures are not logged until "
+    "a query on it succeeds",
+    failing="a query on %r failed: %s",
+    ended="connection to %r restored after %.1f s, %d failures",
+    cause=lambda exc: f"{type(exc).__name__}: {str(exc).strip()}",
+)
+#: Database aliases that are down.
+down = _databases.down
+failed = _databases.failed
+succeeded = _databases.succeeded

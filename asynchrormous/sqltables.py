@@ -97,6 +97,7 @@ _VOLATILE = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def changes_the_session(sql: str) -> bool:
     """Whether ``sql`` makes the session read differently (``SET search_path``,
     ``USE other``, ``SET ROLE``): its later reads are the session's own."""

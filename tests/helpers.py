@@ -1,7 +1,10 @@
 """Helpers that make the database report where and how long a query ran."""
 
 import os
+import select
+import signal
 import threading
+import time
 
 import pytest
 from django.db import connection, models
@@ -59,6 +62,51 @@ not_shared_cache = pytest.mark.skipif(
     os.environ.get("ASYNCHRORMOUS_TEST_DB") == "sqlite-memory",
     reason="in-memory shared-cache SQLite",
 )
+
+
+def in_a_forked_child(child, timeout=20):
+    """What ``child()`` returns (a str) when run in a forked child of this process.
+
+    The child never returns into pytest (``os._exit``); its exception is raised
+    here as an AssertionError. A child that has not reported and exited within
+    ``timeout`` seconds is killed and fails the test.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            try:
+                report = f"ok {child()}"
+            except BaseException as exc:
+                report = f"error {type(exc).__name__}: {exc}"
+            os.write(write_end, report.encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    chunks = []
+    exited = False
+    try:
+        while not exited:  # until the child exits (end of file) or the deadline
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([read_end], [], [], left)
+            if not ready:
+                break
+            chunk = os.read(read_end, 65536)
+            chunks.append(chunk)
+            exited = not chunk
+    finally:
+        os.close(read_end)
+        if not exited:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert exited, f"the forked child did not finish in {timeout} s"
+    status, _, value = b"".join(chunks).decode().partition(" ")
+    assert status == "ok", f"the forked child failed: {value}"
+    return value
 
 
 def occupy_a_worker(release, timeout=10):

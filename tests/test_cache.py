@@ -14,7 +14,7 @@ from asynchrormous.cache import invalidate, uncached
 from asynchrormous.checks import cache_messages, check_cache
 from asynchrormous.conf import get_settings
 from tests.cache_helpers import recording, turn_on
-from tests.helpers import ran_in_background
+from tests.helpers import not_shared_cache, ran_in_background
 from tests.testapp.models import Author, Book, Gauge, GaugeReading
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -76,6 +76,40 @@ def test_a_read_is_answered_from_the_cache_the_second_time(name, books, caching)
         assert shape(read(Book.objects.cache())) == expected
     assert set(caching.take()) == {"hit"}
     assert len(queries) == 0
+
+
+# Statements that make a session's reads its own (sqltables.changes_the_session).
+SESSION_SQL = {"postgresql": "SET search_path TO public", "mysql": "SET @x = 1"}
+
+
+def change_the_session():
+    with connection.cursor() as cursor:
+        cursor.execute(SESSION_SQL[connection.vendor])
+
+
+# What the connection was set to before it closed.
+BEFORE_CLOSE = [
+    pytest.param(lambda: None, id="nothing"),
+    pytest.param(lambda: transaction.set_autocommit(False), id="manual"),
+    pytest.param(
+        change_the_session,
+        id="SET",
+        marks=pytest.mark.skipif(connection.vendor == "sqlite", reason="no SET"),
+    ),
+]
+
+
+@not_shared_cache  # Django never closes an in-memory SQLite connection
+@pytest.mark.parametrize("before_close", BEFORE_CLOSE)
+def test_a_hit_opens_no_connection(books, caching, before_close):
+    """A closed connection is in no transaction and has no session of its own: the
+    next one starts in its settings' AUTOCOMMIT mode, with Django's settings."""
+    assert Book.objects.cache().count() == 6
+    before_close()
+    connection.close()
+    assert Book.objects.cache().count() == 6
+    assert connection.connection is None
+    assert caching.take() == ["miss", "hit"]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -36,10 +35,12 @@ from django.db.models.functions import Now
 from django.db.utils import load_backend
 
 from asynchrormous import cache as cache_module
-from asynchrormous import cachestore
+from asynchrormous import cachestore, outages
+from asynchrormous.cache import invalidate
 from asynchrormous.cachestore import current_store, database_id
 from tests.cache_helpers import closing, recording, turn_on
 from tests.cache_servers import memcached_fixture, redis_fixture  # noqa: F401
+from tests.helpers import in_a_forked_child
 from tests.testapp.models import Author, Book, Gauge, Note, Publisher
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -461,44 +462,70 @@ def test_a_child_forked_during_a_cached_read_does_not_wait_for_it(settings, book
         first = pool.submit(closing(leader))
         assert entered.wait(TIMEOUT)
         assert cache_module._flights
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report, never return into pytest
-            code = 1
-            try:
-                os.close(read_end)
-                _inherited.append(connection.connection)
-                connection.connection = None
-                started = time.monotonic()
-                try:
-                    report = f"ok {pages_of(book.pk)}"
-                except BaseException as exc:
-                    report = f"error {type(exc).__name__}: {exc}"
-                report += f" after {time.monotonic() - started:.2f} s"
-                os.write(write_end, report.encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
+
+        def child():
+            _inherited.append(connection.connection)
+            connection.connection = None
+            started = time.monotonic()
+            pages = pages_of(book.pk)
+            return f"{pages} after {time.monotonic() - started:.2f} s"
+
         try:
-            ready, _, _ = select.select([read_end], [], [], 20)
-            assert ready, "the child reported nothing in 20 s"
-            with os.fdopen(read_end, closefd=False) as pipe:
-                report = pipe.read()
+            report = in_a_forked_child(child)
         finally:
             release.set()
-            os.close(read_end)
-            deadline = time.monotonic() + 10
-            while os.waitpid(pid, os.WNOHANG) == (0, 0):
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.05)
         assert first.result(TIMEOUT) == book.pages
-    assert report.startswith(f"ok {book.pages} "), report
+    assert report.startswith(f"{book.pages} "), report
     seconds = float(report.split()[-2])
     assert seconds < 2.0, f"the child waited for its parent's read: {report}"
+
+
+# Each lock of the caching code, as the test finds it.
+FORK_LOCKS = {
+    "cache._install_lock": lambda: cache_module._install_lock,
+    "cachestore._store_lock": lambda: cachestore._store_lock,
+    "Store._lock": lambda: current_store()._lock,
+    "outages._lock": lambda: outages._lock,
+}
+
+
+@pytest.mark.parametrize("lock", FORK_LOCKS)
+def test_a_child_forked_while_a_thread_holds_a_cache_lock_can_use_the_cache(
+    cached, books, monkeypatch, lock
+):
+    """A thread holds the lock at the fork; the child, which has no such thread,
+    reads through the cache and invalidates, by the paths that take the lock."""
+    # As before the process's first cached read: the child installs the hook.
+    monkeypatch.setattr(cache_module, "_installed", False)
+    if lock == "cachestore._store_lock":  # the child makes the store
+        monkeypatch.setattr(cachestore, "_store", None)
+    if lock == "outages._lock":  # the child's first call to the cache ends an outage
+        store = current_store()
+        store._outages.failed(store.alias, ConnectionError("a test's"), outages.epoch)
+    held = FORK_LOCKS[lock]()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with held:
+            holding.set()
+            release.wait(TIMEOUT)
+
+    def child():
+        _inherited.append(connection.connection)
+        connection.connection = None
+        pages = pages_of(books[0].pk)
+        invalidate(Book)
+        return pages
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(TIMEOUT)
+        report = in_a_forked_child(child, timeout=TIMEOUT)
+    finally:
+        release.set()
+        holder.join(TIMEOUT)
+    assert report == str(books[0].pages)
 
 
 def test_guard_followers_of_a_leader_that_fails_read_the_database(cached, books):

@@ -3,6 +3,7 @@ their speed: they read the database, one warning is logged per outage, writes ne
 fail, and an invalidation that could not be delivered is delivered before the
 process reads that table from the cache again."""
 
+import concurrent.futures
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 from django.db import transaction
 
 from asynchrormous.cachestore import current_store
-from tests.cache_helpers import recording, turn_on
+from tests.cache_helpers import closing, recording, turn_on
 from tests.cache_servers import memcached_fixture, redis_fixture  # noqa: F401
 from tests.testapp.models import Book
 
@@ -80,6 +81,44 @@ def test_a_stopped_server_is_one_warning_and_reads_from_the_database(
     assert outcomes.take() == ["miss", "hit"]
     (back,) = [r for r in caplog.records if r.levelno == logging.INFO]
     assert "answers again" in back.getMessage()
+
+
+def test_a_call_that_fails_after_the_recovery_it_began_before_is_no_new_outage(
+    books, server, caplog
+):
+    """As for a database (test_outage_logging.py): a cache call under way while the
+    cache came back, which fails after, is a failure of the outage that ended."""
+    store = current_store()
+    entered, release = threading.Event(), threading.Event()
+
+    def late():
+        if threading.current_thread().name.startswith("late") and not entered.is_set():
+            entered.set()
+            release.wait(TIMEOUT)
+            raise ConnectionError("an answer from before the recovery")
+        return type(store)._cache(store)
+
+    store._cache = late
+    try:
+        with (
+            caplog.at_level(logging.DEBUG, logger="asynchrormous"),
+            concurrent.futures.ThreadPoolExecutor(1, "late") as pool,
+        ):
+            first = pool.submit(closing(count))
+            assert entered.wait(TIMEOUT)
+            server.stop()
+            assert count() == 6  # the outage begins
+            server.start()
+            retry_now()
+            assert count() == 6  # and ends
+            release.set()
+            assert first.result(TIMEOUT) == 6
+    finally:
+        release.set()
+        del store._cache
+    levels = [r.levelno for r in caplog.records if r.name == "asynchrormous"]
+    assert levels.count(logging.WARNING) == 1
+    assert levels.count(logging.INFO) == 1
 
 
 @pytest.mark.parametrize("in_atomic", [False, True], ids=["autocommit", "atomic"])

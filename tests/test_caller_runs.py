@@ -21,6 +21,7 @@ from asynchrormous.results import submit
 from tests.helpers import (
     backend_id_expr,
     caller_backend_id,
+    in_a_forked_child,
     not_shared_cache,
     occupy_a_worker,
 )
@@ -261,21 +262,8 @@ def test_a_forked_child_never_runs_its_parents_queued_job(books, busy_pool):
     """The child's copy of the queue is not its own: the parent's pool runs the job."""
     caller_backend_id()
     job = submit(os.getpid, alias="default", writes=False, description="pid")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, never return into pytest or touch the database
-        code = 1
-        try:
-            os.close(read_end)
-            os.write(write_end, repr(job.take_over()).encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        report = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+    # The child never touches the database.
+    report = in_a_forked_child(lambda: repr(job.take_over()))
     assert report == "False"
     assert job.result() == os.getpid()
 

@@ -1,7 +1,6 @@
 """The worker pool: real overlap, bounded connections, fork safety, transactions."""
 
 import contextvars
-import os
 import threading
 import time
 
@@ -16,6 +15,7 @@ from asynchrormous.signals import job_finished
 from tests.helpers import (
     backend_id_expr,
     caller_backend_id,
+    in_a_forked_child,
     not_shared_cache,
     sleep_expr,
     thread_of,
@@ -173,22 +173,7 @@ def test_a_forked_child_builds_its_own_pool_and_leaves_the_parents_alone(
 ):
     settings.ASYNCHRORMOUS = {"WORKERS": 1}
     parent_session = where()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report its own session, never return into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            child_session = where()
-            os.write(write_end, f"{child_session} {Book.objects.count()}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        report = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+    report = in_a_forked_child(lambda: f"{where()} {Book.objects.count()}")
     child_session, child_count = report.split()
     assert child_count == "6"
     if connection.vendor != "sqlite":

@@ -15,8 +15,6 @@ unforced (and still must pass).
 
 import gc
 import os
-import select
-import signal
 import subprocess
 import sys
 import textwrap
@@ -32,6 +30,7 @@ import asynchrormous
 from asynchrormous import Cancelled, ResultTimeout, resolve
 from asynchrormous.pool import get_pool
 from asynchrormous.results import submit
+from tests.helpers import in_a_forked_child
 from tests.regression_helpers import (
     paused_on_first_call,
     slow_same,
@@ -251,43 +250,21 @@ def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
             released.wait, 10, alias="default", writes=True, description="held"
         )
         write = Book.objects.run_async().filter(pk=books[0].pk).update(year=1)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: report, never return into pytest
-            code = 1
-            try:
-                os.close(read_end)
-                # The parent still uses this socket: keep the object (never closed,
-                # never finalized: os._exit) and open a connection of our own.
-                _inherited_connections.append(connection.connection)
-                connection.connection = None
-                started = time.monotonic()
-                try:
-                    report = f"ok {Book.objects.count()}"
-                except BaseException as exc:
-                    report = f"error {type(exc).__name__}: {exc}"
-                report += f" after {time.monotonic() - started:.2f} s"
-                os.write(write_end, report.encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write_end)
+
+        def child():
+            # The parent still uses this socket: keep the object (never closed,
+            # never finalized: os._exit) and open a connection of our own.
+            _inherited_connections.append(connection.connection)
+            connection.connection = None
+            started = time.monotonic()
+            count = Book.objects.count()
+            return f"{count} after {time.monotonic() - started:.2f} s"
+
         try:
-            ready, _, _ = select.select([read_end], [], [], 20)
-            assert ready, "the child reported nothing in 20 s"
-            with os.fdopen(read_end, closefd=False) as pipe:
-                report = pipe.read()
+            report = in_a_forked_child(child)
         finally:
             released.set()
-            os.close(read_end)
-            deadline = time.monotonic() + 10
-            while os.waitpid(pid, os.WNOHANG) == (0, 0):
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    break
-                time.sleep(0.05)
-        assert report.startswith("ok 6 "), report
+        assert report.startswith("6 "), report
         seconds = float(report.split()[-2])
         assert seconds < 1.5, f"the child waited for its parent's write: {report}"
         assert held.result(10) is True
