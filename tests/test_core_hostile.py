@@ -7,11 +7,7 @@ the library's own lock); every wait is bounded.
 """
 
 import copy
-import os
-import select
-import signal
 import threading
-import time
 
 import pytest
 from django.db import connection, models, transaction
@@ -25,7 +21,7 @@ from asynchrormous import (
     is_ready,
     resolve,
 )
-from tests.helpers import occupy_a_worker, ran_in_background
+from tests.helpers import in_a_forked_child, occupy_a_worker, ran_in_background
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -220,43 +216,20 @@ def test_a_child_forked_while_another_thread_is_inside_the_library_does_not_hang
         for lock in reversed(locks):
             lock.release()
 
+    def child():
+        _inherited_connections.append(connection.connection)
+        connection.connection = None  # the parent's socket: open our own
+        qs = Book.objects.run_async().start()
+        return f"{resolve(qs.count(), timeout=5)} {len(list(qs))}"
+
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
     assert inside.wait(10)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, never return into pytest
-        code = 1
-        try:
-            os.close(read_end)
-            _inherited_connections.append(connection.connection)
-            connection.connection = None  # the parent's socket: open our own
-            try:
-                qs = Book.objects.run_async().start()
-                report = f"ok {resolve(qs.count(), timeout=5)} {len(list(qs))}"
-            except BaseException as exc:
-                report = f"error {type(exc).__name__}: {exc}"
-            os.write(write_end, report.encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
     try:
-        ready, _, _ = select.select([read_end], [], [], 10)
-        with os.fdopen(read_end, closefd=False) as pipe:
-            report = pipe.read() if ready else "the child reported nothing in 10 s"
+        assert in_a_forked_child(child, timeout=10) == "6 6"
     finally:
         leave.set()
         holder.join(10)
-        os.close(read_end)
-        deadline = time.monotonic() + 10
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.05)
-    assert report == "ok 6 6", report
 
 
 # -- An override in a base below the mixin runs once per call ----------------------
