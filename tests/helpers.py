@@ -64,6 +64,24 @@ not_shared_cache = pytest.mark.skipif(
 )
 
 
+_inherited_connections = []
+
+
+def own_connection_in_child():
+    """In a forked child: leave the parent's connection alone and open our own.
+
+    The parent still uses that socket: keep the object (never closed, never
+    finalized: the child leaves with ``os._exit``). Django's psycopg pool is the
+    parent's too, and its threads did not survive the fork: the child makes its
+    own.
+    """
+    _inherited_connections.append(connection.connection)
+    connection.connection = None
+    pools = getattr(connection, "_connection_pools", None)  # the wrapper class's
+    if pools is not None and connection.alias in pools:
+        _inherited_connections.append(pools.pop(connection.alias))
+
+
 def in_a_forked_child(child, timeout=20):
     """What ``child()`` returns (a str) when run in a forked child of this process.
 

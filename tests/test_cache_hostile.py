@@ -40,7 +40,7 @@ from asynchrormous.cache import invalidate
 from asynchrormous.cachestore import current_store, database_id
 from tests.cache_helpers import closing, recording, turn_on
 from tests.cache_servers import memcached_fixture, redis_fixture  # noqa: F401
-from tests.helpers import in_a_forked_child
+from tests.helpers import in_a_forked_child, own_connection_in_child
 from tests.testapp.models import Author, Book, Gauge, Note, Publisher
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -439,8 +439,6 @@ def test_a_volatile_statement_is_not_answered_from_the_cache(cached, books, read
 
 # == Hangs =========================================================================
 
-_inherited = []
-
 
 def test_a_child_forked_during_a_cached_read_does_not_wait_for_it(settings, books):
     turn_on(settings, "redis", CACHE_PREFIX=f"ch-{uuid.uuid4().hex}")
@@ -464,8 +462,7 @@ def test_a_child_forked_during_a_cached_read_does_not_wait_for_it(settings, book
         assert cache_module._flights
 
         def child():
-            _inherited.append(connection.connection)
-            connection.connection = None
+            own_connection_in_child()
             started = time.monotonic()
             pages = pages_of(book.pk)
             return f"{pages} after {time.monotonic() - started:.2f} s"
@@ -511,8 +508,7 @@ def test_a_child_forked_while_a_thread_holds_a_cache_lock_can_use_the_cache(
             release.wait(TIMEOUT)
 
     def child():
-        _inherited.append(connection.connection)
-        connection.connection = None
+        own_connection_in_child()
         pages = pages_of(books[0].pk)
         invalidate(Book)
         return pages

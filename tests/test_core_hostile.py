@@ -21,7 +21,12 @@ from asynchrormous import (
     is_ready,
     resolve,
 )
-from tests.helpers import in_a_forked_child, occupy_a_worker, ran_in_background
+from tests.helpers import (
+    in_a_forked_child,
+    occupy_a_worker,
+    own_connection_in_child,
+    ran_in_background,
+)
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -191,8 +196,6 @@ def test_a_slice_of_a_started_queryset_reuses_its_fetch(books, jobs):
 
 # -- A child forked while another thread holds the library's locks ------------------
 
-_inherited_connections = []
-
 
 def test_a_child_forked_while_another_thread_is_inside_the_library_does_not_hang(
     books,
@@ -217,8 +220,7 @@ def test_a_child_forked_while_another_thread_is_inside_the_library_does_not_hang
             lock.release()
 
     def child():
-        _inherited_connections.append(connection.connection)
-        connection.connection = None  # the parent's socket: open our own
+        own_connection_in_child()
         qs = Book.objects.run_async().start()
         return f"{resolve(qs.count(), timeout=5)} {len(list(qs))}"
 

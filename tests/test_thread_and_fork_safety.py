@@ -30,7 +30,7 @@ import asynchrormous
 from asynchrormous import Cancelled, ResultTimeout, resolve
 from asynchrormous.pool import get_pool
 from asynchrormous.results import submit
-from tests.helpers import in_a_forked_child
+from tests.helpers import in_a_forked_child, own_connection_in_child
 from tests.regression_helpers import (
     paused_on_first_call,
     slow_same,
@@ -236,8 +236,6 @@ def test_a_thread_sharing_the_callers_connection_is_not_disturbed_by_its_checks(
 
 # -- fork() while a background write is in flight --------------------------------
 
-_inherited_connections = []
-
 
 def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
     """The write waits behind a job held on an event until the child has reported,
@@ -252,10 +250,7 @@ def test_a_child_forked_during_a_background_write_does_not_wait_for_it(books):
         write = Book.objects.run_async().filter(pk=books[0].pk).update(year=1)
 
         def child():
-            # The parent still uses this socket: keep the object (never closed,
-            # never finalized: os._exit) and open a connection of our own.
-            _inherited_connections.append(connection.connection)
-            connection.connection = None
+            own_connection_in_child()
             started = time.monotonic()
             count = Book.objects.count()
             return f"{count} after {time.monotonic() - started:.2f} s"
