@@ -295,6 +295,10 @@ def _as_on_a_worker(alias: str | None) -> Any:
         yield
         return
     conn = connections[alias]
+    # A job of this thread that runs another lends it its connection: a cancel of
+    # the lender must not stop the borrower's statements (it sends none meanwhile).
+    lender = getattr(_this_thread, "job", None)
+    lent = lender.lend() if lender is not None else None
     state = (conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log)
     # The library's own (a write's cache invalidation) stay.
     conn.execute_wrappers = [
@@ -308,6 +312,8 @@ def _as_on_a_worker(alias: str | None) -> Any:
         yield
     finally:
         conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log = state
+        if lender is not None:
+            lender.take_back(lent)
 
 
 def _with_prerequisites(
@@ -371,6 +377,7 @@ class Running:
             # The job's own record of the jobs it submits (with CALLER_RUNS): they
             # come after nothing of its caller's, since the job itself came after it.
             outer = _pending.set(None)
+            lender = getattr(_this_thread, "job", None)
             try:
                 if wrapper.vendor == "mysql":
                     # mysqlclient refuses thread_id() while another thread uses the
@@ -380,6 +387,7 @@ class Running:
                 with self.lock:
                     self._refuse_if_cancelled()
                     self.connection = wrapper
+                _this_thread.job = self
                 wrapper.execute_wrappers.append(self._guard)
                 try:
                     result = fn(*args)
@@ -395,6 +403,7 @@ class Running:
                 raise
             finally:
                 _pending.reset(outer)
+                _this_thread.job = lender
             if outages.down:  # a plain check: nothing more while no alias is down
                 outages.succeeded(self.alias, since)
             return result
@@ -409,6 +418,18 @@ class Running:
         wrapper.execute_wrappers.remove(self._guard)
         with self.lock:
             self.connection = None
+
+    def lend(self) -> Any:
+        """This thread runs another job on the connection: a cancel of this one,
+        which sends no statement meanwhile, must not reach that job's."""
+        with self.lock:
+            lent, self.connection = self.connection, None
+        return lent
+
+    def take_back(self, lent: Any) -> None:
+        with self.lock:
+            if self.connection is None:
+                self.connection = lent
 
     def _refuse_if_cancelled(self) -> None:
         if self.cancelled:
@@ -480,6 +501,10 @@ def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
         pass  # the statement already ended
     finally:
         conn.close()
+
+
+# The job this thread is running (a worker's, or one it took over), if any.
+_this_thread = threading.local()
 
 
 class _Pending:
