@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import copy
+import functools
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from django.db import InterfaceError, OperationalError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils.functional import Promise, SimpleLazyObject, lazy
 
 from . import outages
@@ -677,6 +679,30 @@ def _join_nested(*, raises: bool = True) -> None:
             except ResultTimeout:
                 if raises:
                     raise
+
+
+def _jobs_first(set_autocommit: Callable[..., Any]) -> Callable[..., Any]:
+    """A worker's job that begins a transaction first ends the nested jobs it
+    submitted on that database, as plain code ran them before the block.
+
+    Inside the block they cannot run on its connection (a rollback would undo
+    them), and with every worker busy, none other would run them before TIMEOUT.
+    """
+
+    @functools.wraps(set_autocommit)
+    def begin(self: Any, autocommit: bool, *args: Any, **kwargs: Any) -> Any:
+        if not autocommit and in_worker() and not self.in_atomic_block:
+            for wrapper in list(self.execute_wrappers):
+                if isinstance(wrapper, _Barrier):
+                    wrapper.drain()
+        return set_autocommit(self, autocommit, *args, **kwargs)
+
+    return begin
+
+
+BaseDatabaseWrapper.set_autocommit = _jobs_first(  # type: ignore[method-assign]
+    BaseDatabaseWrapper.set_autocommit
+)
 
 
 def _run_after(
