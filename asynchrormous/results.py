@@ -393,12 +393,8 @@ class Running:
                 wrapper.execute_wrappers.append(self._guard)
                 try:
                     result = fn(*args)
-                except BaseException:
+                finally:
                     self._ended(wrapper)
-                    _join_nested(raises=False)
-                    raise
-                self._ended(wrapper)
-                _join_nested()
             except (OperationalError, InterfaceError) as exc:
                 if outages.lost(wrapper):
                     outages.failed(self.alias, exc, since)
@@ -413,10 +409,7 @@ class Running:
         return run
 
     def _ended(self, wrapper: Any) -> None:
-        """The job sends no more statements: a cancel of it reaches none of them.
-
-        Before it waits for the jobs it submitted, which may run on its connection.
-        """
+        """The job sends no more statements: a cancel of it reaches none of them."""
         wrapper.execute_wrappers.remove(self._guard)
         with self.lock:
             self.connection = None
@@ -705,6 +698,21 @@ BaseDatabaseWrapper.set_autocommit = _jobs_first(  # type: ignore[method-assign]
 )
 
 
+def _ending_with_nested(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, which ends with the jobs it submitted (``_join_nested``)."""
+
+    def run(*args: Any) -> Any:
+        try:
+            result = fn(*args)
+        except BaseException:
+            _join_nested(raises=False)
+            raise
+        _join_nested()
+        return result
+
+    return run
+
+
 def _run_after(
     prerequisites: list[concurrent.futures.Future[Any]],
     timeout: float | None,
@@ -744,7 +752,10 @@ def submit(
     """
     future: concurrent.futures.Future[Any]
     inline = must_run_inline(alias)
-    fn = instrumented(fn, alias, description, inline)
+    # A job run on the pool ends with its nested jobs, and is reported after them.
+    fn = instrumented(
+        fn if inline else _ending_with_nested(fn), alias, description, inline
+    )
     if inline:
         future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
