@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import copy
+import functools
 import logging
 import os
 import threading
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from django.db import InterfaceError, OperationalError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils.functional import Promise, SimpleLazyObject, lazy
 
 from . import outages
@@ -336,6 +338,10 @@ def _as_on_a_worker(alias: str | None) -> Any:
         yield
         return
     conn = connections[alias]
+    # A job of this thread that runs another lends it its connection: a cancel of
+    # the lender must not stop the borrower's statements (it sends none meanwhile).
+    lender = getattr(_this_thread, "job", None)
+    lent = lender.lend() if lender is not None else None
     state = (conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log)
     # The library's own (a write's cache invalidation) stay.
     conn.execute_wrappers = [
@@ -349,6 +355,8 @@ def _as_on_a_worker(alias: str | None) -> Any:
         yield
     finally:
         conn.execute_wrappers, conn.force_debug_cursor, conn.queries_log = state
+        if lender is not None:
+            lender.take_back(lent)
 
 
 def _with_prerequisites(
@@ -412,6 +420,7 @@ class Running:
             # The job's own record of the jobs it submits (with CALLER_RUNS): they
             # come after nothing of its caller's, since the job itself came after it.
             outer = _pending.set(None)
+            lender = getattr(_this_thread, "job", None)
             try:
                 if wrapper.vendor == "mysql":
                     # mysqlclient refuses thread_id() while another thread uses the
@@ -421,21 +430,19 @@ class Running:
                 with self.lock:
                     self._refuse_if_cancelled()
                     self.connection = wrapper
+                _this_thread.job = self
                 wrapper.execute_wrappers.append(self._guard)
                 try:
                     result = fn(*args)
-                except BaseException:
+                finally:
                     self._ended(wrapper)
-                    _join_nested(raises=False)
-                    raise
-                self._ended(wrapper)
-                _join_nested()
             except (OperationalError, InterfaceError) as exc:
                 if outages.lost(wrapper):
                     outages.failed(self.alias, exc, since)
                 raise
             finally:
                 _pending.reset(outer)
+                _this_thread.job = lender
             if outages.down:  # a plain check: nothing more while no alias is down
                 outages.succeeded(self.alias, since)
             return result
@@ -443,13 +450,22 @@ class Running:
         return run
 
     def _ended(self, wrapper: Any) -> None:
-        """The job sends no more statements: a cancel of it reaches none of them.
-
-        Before it waits for the jobs it submitted, which may run on its connection.
-        """
+        """The job sends no more statements: a cancel of it reaches none of them."""
         wrapper.execute_wrappers.remove(self._guard)
         with self.lock:
             self.connection = None
+
+    def lend(self) -> Any:
+        """This thread runs another job on the connection: a cancel of this one,
+        which sends no statement meanwhile, must not reach that job's."""
+        with self.lock:
+            lent, self.connection = self.connection, None
+        return lent
+
+    def take_back(self, lent: Any) -> None:
+        with self.lock:
+            if self.connection is None:
+                self.connection = lent
 
     def _refuse_if_cancelled(self) -> None:
         if self.cancelled:
@@ -521,6 +537,10 @@ def _kill_mysql_query(params: dict[str, Any], thread_id: int) -> None:
         pass  # the statement already ended
     finally:
         conn.close()
+
+
+# The job this thread is running (a worker's, or one it took over), if any.
+_this_thread = threading.local()
 
 
 class _Pending:
@@ -674,12 +694,13 @@ def track_pending(
         wrappers.insert(0, _Barrier(alias, pending))
 
 
-def _join_nested(*, raises: bool = True) -> None:
+def _join_nested() -> None:
     """End a job with the jobs it submitted: run those no worker has picked up,
     and wait for the rest (at most TIMEOUT), as a plain call ends with its work.
 
-    So a caller that used the job's result reads the nested jobs' writes, and a
-    nested job never outlives its job.
+    So a caller that used the job's result reads the nested jobs' writes. Those
+    still running after TIMEOUT go on, and are logged: the job's own outcome
+    stands (its write landed; a ResultTimeout would invite a retry).
     """
     record = _pending.get()
     if record is None or record.owner is not threading.current_thread():
@@ -688,11 +709,50 @@ def _join_nested(*, raises: bool = True) -> None:
         futures = _prerequisites(record, alias, True)
         if futures:
             _run_own_jobs_here(alias, futures)
-            try:
-                _wait_all(futures, DEFAULT, f"the jobs this job started on {alias!r}")
-            except ResultTimeout:
-                if raises:
-                    raise
+            _, not_done = concurrent.futures.wait(futures, _timeout(DEFAULT))
+            if not_done:
+                logger.warning(
+                    "a background job ended with %d of the jobs it started on %r "
+                    "still running after TIMEOUT; they go on",
+                    len(not_done),
+                    alias,
+                )
+
+
+def _jobs_first(set_autocommit: Callable[..., Any]) -> Callable[..., Any]:
+    """A worker's job that begins a transaction first ends the nested jobs it
+    submitted on that database, as plain code ran them before the block.
+
+    Inside the block they cannot run on its connection (a rollback would undo
+    them), and with every worker busy, none other would run them before TIMEOUT.
+    """
+
+    @functools.wraps(set_autocommit)
+    def begin(self: Any, autocommit: bool, *args: Any, **kwargs: Any) -> Any:
+        if not autocommit and in_worker() and not self.in_atomic_block:
+            for wrapper in list(self.execute_wrappers):
+                if isinstance(wrapper, _Barrier):
+                    wrapper.drain()
+        return set_autocommit(self, autocommit, *args, **kwargs)
+
+    return begin
+
+
+BaseDatabaseWrapper.set_autocommit = _jobs_first(  # type: ignore[method-assign]
+    BaseDatabaseWrapper.set_autocommit
+)
+
+
+def _ending_with_nested(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, which ends with the jobs it submitted (``_join_nested``)."""
+
+    def run(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            _join_nested()
+
+    return run
 
 
 def run_after(
@@ -746,7 +806,10 @@ def submit(
     """
     future: concurrent.futures.Future[Any]
     inline = must_run_inline(alias)
-    fn = instrumented(fn, alias, description, inline)
+    # A job run on the pool ends with its nested jobs, and is reported after them.
+    fn = instrumented(
+        fn if inline else _ending_with_nested(fn), alias, description, inline
+    )
     if inline:
         future = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
