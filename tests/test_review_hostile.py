@@ -134,3 +134,34 @@ def test_rows_read_in_a_commented_begin_are_not_cached_past_its_rollback(setting
         ]
         cursor.execute("ROLLBACK")
     assert _read_elsewhere(ann.pk) == ["Ann"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "begun"),
+    [
+        ("/* batch */ BEGIN", True),
+        ("  -- note\n  START TRANSACTION", True),
+        ("# note\nbegin", True),
+        ("-- note\nCOMMIT", False),
+        ("/* a */ /* b */ ROLLBACK", False),
+    ],
+)
+def test_a_comment_before_begin_or_commit_does_not_hide_it(settings, sql, begun):
+    from asynchrormous import invalidation
+    from asynchrormous.cachestore import current_store
+
+    turn_on(settings, "locmem")
+    vars(connection)["_asynchrormous_begun"] = not begun
+    try:
+        assert invalidation._raw_transaction(connection, current_store(), sql)
+        assert vars(connection).get("_asynchrormous_begun", False) is begun
+    finally:
+        vars(connection).pop("_asynchrormous_begun", None)
+
+
+def test_a_comment_before_set_does_not_hide_a_session_change():
+    from asynchrormous.sqltables import changes_the_session
+
+    assert changes_the_session("/* app */ SET search_path TO other")
+    assert changes_the_session("-- app\nUSE other")
+    assert not changes_the_session("/* SET x */ SELECT 1")
