@@ -21,7 +21,12 @@ from django.db import connections
 from django.db.backends.signals import connection_created
 
 from .cachestore import Store, current_store, database_id, in_a_cache_call
-from .sqltables import ALL, changes_the_session, written_tables
+from .sqltables import (
+    ALL,
+    changes_the_session,
+    without_leading_comments,
+    written_tables,
+)
 
 __all__ = [
     "in_transaction",
@@ -157,9 +162,10 @@ def _after_statement(connection: Any, sql: Any) -> None:
         store.bump(database_id(connection), tables)  # it has committed
 
 
-# The first letters of BEGIN, START TRANSACTION, COMMIT, END and ROLLBACK. A letter
+# The first letters of BEGIN, START TRANSACTION, COMMIT, END and ROLLBACK, and of
+# a comment before one (``-- note``, ``/* note */``, MySQL's ``# note``). A letter
 # outside ASCII may upper-case to one of them (U+017F, the long s, to "S").
-_TRANSACTION_INITIALS = frozenset("BSCERbscer")
+_TRANSACTION_INITIALS = frozenset("BSCERbscer-/#")
 
 
 def _raw_transaction(connection: Any, store: Store, sql: str) -> bool:
@@ -170,7 +176,9 @@ def _raw_transaction(connection: Any, store: Store, sql: str) -> bool:
     first = sql[:1]
     if first.isascii() and not first.isspace() and first not in _TRANSACTION_INITIALS:
         return False  # most statements, without a copy of their SQL
-    head = (sql.lstrip() if first.isspace() else sql)[:20].upper()
+    if first.isspace() or first in "-/#":
+        sql = without_leading_comments(sql)
+    head = sql[:20].upper()
     if head.startswith(("BEGIN", "START TRANSACTION")):
         vars(connection)["_asynchrormous_begun"] = True
     elif head.startswith(("COMMIT", "END")):

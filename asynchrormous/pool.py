@@ -398,12 +398,14 @@ class WorkerPool(Executor):
         *,
         cancel_futures: bool = False,
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         """Stop the workers; each closes its connections on the way out.
 
         Queued writes still run (a submitted write lands or is reported); with
         ``cancel_futures``, queued reads are cancelled. What is still queued when
-        ``timeout`` runs out is cancelled, and each write among it logged.
+        ``timeout`` runs out (or at ``deadline``, a ``time.monotonic()`` that
+        several pools share) is cancelled, and each write among it logged.
         """
         with self._lock:
             self._shutdown = True
@@ -421,7 +423,8 @@ class WorkerPool(Executor):
                 self._queue.put(None)
         if not wait:
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is None and timeout is not None:
+            deadline = time.monotonic() + timeout
         for thread in threads:
             if thread is threading.current_thread():
                 continue  # shut down from one of its own jobs: it stops after it
@@ -495,14 +498,20 @@ def shutdown(wait: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> None
         pool, _pool = _pool, None
         if pool is not None:
             _stopping.add(pool)
-        stopping = list(_stopping)
+        # The live pool first: its settings are the current ones.
+        stopping = [pool] if pool is not None else []
+        stopping += [p for p in _stopping if p is not pool]
+    if timeout is DEFAULT_TIMEOUT:
+        timeout = stopping[0].settings.timeout if stopping else None
     for pool in stopping:
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = pool.settings.timeout
         # Pinned work and blocks waiting for a worker fail now, and free the workers.
         for hook in pool.shutdown_hooks:
             hook("asynchrormous.shutdown() stopped the pool")
-        pool.shutdown(wait=wait, cancel_futures=True, timeout=timeout)
+        pool.shutdown(wait=False, cancel_futures=True)
+    # One timeout for them all: pools retired by settings changes stop side by side.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for pool in stopping:
+        pool.shutdown(wait=wait, timeout=timeout, deadline=deadline)
         if pool.stopped():
             _stopping.discard(pool)
 

@@ -115,6 +115,8 @@ class Job:
         self.cancelled = False
         with _handles_lock:
             future.handles = getattr(future, "handles", 0) + 1  # type: ignore[attr-defined]
+            # Handles not cancelled: at none, nobody is left to use the job.
+            future.live = getattr(future, "live", 0) + 1  # type: ignore[attr-defined]
 
     @property
     def observed(self) -> bool:
@@ -151,19 +153,25 @@ class Job:
         """Cancel this result if its job has not started; True if it is cancelled.
 
         A job that other results share (a started fetch and the count() derived
-        from it) goes on for them: only this result is cancelled.
+        from it) goes on for them: only this result is cancelled. Once every one
+        of them is, the job itself is dropped.
         """
         future = self.future
         with _handles_lock:
-            shared = future.handles > 1  # type: ignore[attr-defined]
-        if not shared:
-            return future.cancel()
-        if self.cancelled or future.cancelled():
+            if self.cancelled or future.cancelled():
+                return True
+            if future.running() or future.done():
+                return False
+            self.cancelled = True
+            future.live -= 1  # type: ignore[attr-defined]
+            if future.live:  # type: ignore[attr-defined]
+                return True
+        if future.cancel():
             return True
-        if future.running() or future.done():
-            return False
-        self.cancelled = True
-        return True
+        with _handles_lock:  # a worker took it meanwhile: this result stands
+            self.cancelled = False
+            future.live += 1  # type: ignore[attr-defined]
+        return False
 
     def done(self) -> bool:
         return self.cancelled or self.future.done()
@@ -235,8 +243,13 @@ class Job:
         future = self.future
         with _handles_lock:
             future.handles -= 1  # type: ignore[attr-defined]
-            if future.handles:  # type: ignore[attr-defined]
-                return
+            if not self.cancelled:
+                future.live -= 1  # type: ignore[attr-defined]
+            left, live = future.handles, future.live  # type: ignore[attr-defined]
+        if left:
+            if not live:  # only cancelled results hold it: nobody can use the job
+                future.cancel()
+            return
         if not self.observed:
             future.add_done_callback(_reporter(self.description))
 

@@ -21,6 +21,7 @@ __all__ = [
     "normalized",
     "tables_in",
     "volatile",
+    "without_leading_comments",
     "written_tables",
 ]
 
@@ -97,11 +98,23 @@ _VOLATILE = re.compile(
 )
 
 
+# Whitespace and comments before a statement's first word: ``-- note``, MySQL's
+# ``# note``, ``/* note */`` (a hint such as ``/*+ ... */`` included).
+_LEADING_COMMENTS = re.compile(
+    r"(?:\s+|--[^\n]*(?:\n|$)|#[^\n]*(?:\n|$)|/\*.*?\*/)*", re.S
+)
+
+
+def without_leading_comments(sql: str) -> str:
+    """``sql`` from its first word: a comment before it does not hide a BEGIN."""
+    return sql[_LEADING_COMMENTS.match(sql).end() :]  # type: ignore[union-attr]
+
+
 @functools.lru_cache(maxsize=4096)
 def changes_the_session(sql: str) -> bool:
     """Whether ``sql`` makes the session read differently (``SET search_path``,
     ``USE other``, ``SET ROLE``): its later reads are the session's own."""
-    return _SESSION.match(sql) is not None
+    return _SESSION.match(without_leading_comments(sql)) is not None
 
 
 @functools.lru_cache(maxsize=4096)
