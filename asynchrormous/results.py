@@ -185,7 +185,9 @@ class Job:
 
         Raises:
             ResultTimeout: not ready within ``timeout`` (default: the TIMEOUT setting).
-                The job goes on; the next call waits for the same job.
+                The job goes on; the next call waits for the same job. (A job
+                that never ran, because the caller's earlier jobs it comes after
+                outlasted TIMEOUT, raises its own ResultTimeout for good.)
             Cancelled: the job was cancelled before it ran.
         """
         if self.cancelled:
