@@ -37,6 +37,20 @@ def jobs():
 
 
 @pytest.fixture
+def one_busy_worker(settings):
+    """WORKERS=1 (CALLER_RUNS off), that worker held until ``release`` is set
+    (bounded): a job the test submits stays queued meanwhile."""
+    from tests.helpers import occupy_a_worker
+
+    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0}
+    release = threading.Event()
+    blocker = occupy_a_worker(release)
+    yield release
+    release.set()
+    assert blocker.result(10) is True
+
+
+@pytest.fixture
 def busy_pool(settings):
     """CALLER_RUNS on, WORKERS=1, and that worker held until ``release`` is set
     (bounded): a job the test submits is queued, for its caller to take over."""

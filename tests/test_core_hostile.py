@@ -23,25 +23,12 @@ from asynchrormous import (
 )
 from tests.helpers import (
     in_a_forked_child,
-    occupy_a_worker,
     own_connection_in_child,
     ran_in_background,
 )
 from tests.testapp.models import Author, Book
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def one_busy_worker(settings):
-    """WORKERS=1, that worker held until ``release`` is set (bounded): a job the
-    test submits stays queued meanwhile."""
-    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0}
-    release = threading.Event()
-    blocker = occupy_a_worker(release)
-    yield release
-    release.set()
-    assert blocker.result(10) is True
 
 
 # -- A slice of a started slice is a QuerySet, as in Django -----------------------

@@ -21,18 +21,6 @@ from tests.testapp.models import Author, Book
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def one_busy_worker(settings):
-    """WORKERS=1, that worker held until ``release`` is set (bounded): a job the
-    test submits stays queued meanwhile."""
-    settings.ASYNCHRORMOUS = {"WORKERS": 1, "TIMEOUT": 30.0}
-    release = threading.Event()
-    blocker = occupy_a_worker(release)
-    yield release
-    release.set()
-    assert blocker.result(10) is True
-
-
 def _read_elsewhere(pk):
     """The cached name of author ``pk``, read by another thread (its own
     connection, outside any transaction)."""
