@@ -23,6 +23,7 @@ from asynchrormous import (
 )
 from tests.helpers import (
     in_a_forked_child,
+    not_shared_cache,
     own_connection_in_child,
     ran_in_background,
 )
@@ -76,6 +77,7 @@ def locked_author(books):
     thread.join(20)
 
 
+@not_shared_cache  # its table lock fails the write at once: no wait
 def test_a_read_after_a_write_slower_than_timeout_fails_rather_than_read_stale(
     locked_author, settings
 ):
@@ -94,6 +96,7 @@ def test_a_read_after_a_write_slower_than_timeout_fails_rather_than_read_stale(
     assert resolve(Author.objects.run_async().get(pk=ann.pk)).name == "Ann 2"
 
 
+@not_shared_cache  # its table lock fails the write at once: no wait
 def test_a_write_after_a_write_slower_than_timeout_does_not_overtake_it(
     locked_author, settings
 ):
